@@ -1,0 +1,1 @@
+"""Dataset manifests and the face preparation that training and evaluation share (not the serving path)."""

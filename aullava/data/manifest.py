@@ -1,0 +1,104 @@
+"""The manifest schema every dataset is turned into: one row per image with its FACS labels.
+
+Columns (ckplus48's): path, subject, sequence, frame, kind, emotion, aus, intensities. `aus` is the
+';'-separated set of present AUs; `intensities` 'AU:level' pairs (0 = present but intensity not coded).
+"""
+from __future__ import annotations
+
+import csv
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REQUIRED_COLUMNS = ("path", "subject", "aus")
+KINDS = ("peak", "near_peak", "neutral")
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class Sample:
+    path: Path
+    subject: str
+    sequence: str = ""
+    frame: str = ""
+    kind: str = ""
+    emotion: str = ""
+    aus: frozenset = frozenset()
+    intensities: dict = field(default_factory=dict)  # AU -> 1..5 where coded
+
+    @property
+    def key(self) -> str:
+        return str(self.path)
+
+
+def _parse_aus(text: str, row: int) -> frozenset:
+    try:
+        return frozenset(int(float(a)) for a in text.replace(",", ";").split(";") if a.strip())
+    except ValueError:
+        raise ManifestError(f"row {row}: cannot read AUs {text!r} (expected e.g. '1;2;25')") from None
+
+
+def _parse_intensities(text: str, row: int) -> dict:
+    levels = {}
+    for pair in filter(None, (p.strip() for p in (text or "").split(";"))):
+        try:
+            au, level = pair.split(":")
+            if int(level) > 0:
+                levels[int(float(au))] = int(level)
+        except ValueError:
+            raise ManifestError(f"row {row}: cannot read intensity {pair!r} (expected 'AU:level')") from None
+    return levels
+
+
+def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
+    """Rows of a manifest CSV; image paths resolved against images_root (default: the CSV's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist")
+    root = Path(images_root) if images_root else path.parent
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"manifest {path} lacks column(s) {', '.join(missing)}; "
+                                f"expected at least {', '.join(REQUIRED_COLUMNS)}")
+        samples = []
+        for number, row in enumerate(reader, start=2):
+            kind = (row.get("kind") or "").strip()
+            if kinds and kind not in kinds:
+                continue
+            aus = _parse_aus(row.get("aus") or "", number)
+            levels = {au: lv for au, lv in _parse_intensities(row.get("intensities", ""), number).items() if au in aus}
+            samples.append(Sample(root / row["path"], row["subject"].strip(), (row.get("sequence") or "").strip(),
+                                  (row.get("frame") or "").strip(), kind, (row.get("emotion") or "").strip(),
+                                  aus, levels))
+    if not samples:
+        raise ManifestError(f"manifest {path} has no usable rows" + (f" of kind {', '.join(kinds)}" if kinds else ""))
+    return samples
+
+
+def subject_folds(samples, folds: int, seed: int = 0) -> list[set[str]]:
+    """Subjects dealt into `folds` disjoint groups (subject-exclusive cross-validation)."""
+    subjects = sorted({s.subject for s in samples})
+    if len(subjects) < folds:
+        raise ManifestError(f"{len(subjects)} subjects cannot make {folds} subject-exclusive folds")
+    random.Random(seed).shuffle(subjects)
+    return [set(subjects[i::folds]) for i in range(folds)]
+
+
+def split_by_subject(samples, held_out: set[str]):
+    train = [s for s in samples if s.subject not in held_out]
+    test = [s for s in samples if s.subject in held_out]
+    return train, test
+
+
+def default_intensities(samples, aus, fallback: int = 3) -> dict[int, int]:
+    """Per AU, the rounded mean of its coded intensities: the level taught where a present AU is uncoded."""
+    levels = {}
+    for au in aus:
+        coded = [s.intensities[au] for s in samples if au in s.intensities]
+        levels[au] = round(sum(coded) / len(coded)) if coded else fallback
+    return levels

@@ -1,0 +1,198 @@
+"""Visual encoders: an aligned face -> a fixed number of feature tokens, one per asked AU.
+
+Every encoder is a backbone that turns the face into a set of feature tokens, followed by the same
+`AUQueryHead`: one learned query per AU attends over those tokens. The head's output tokens go to the
+projector (one token per AU, in the model's AU order), and a per-AU logit read from each token gives the
+auxiliary presence loss that teaches the encoder quickly (the LLM's gradient alone teaches it slowly).
+
+Backbones:
+- `landmark_patch` (offline default, no pretrained weights): aligned 68-landmark geometry plus a small CNN
+  over the aligned grayscale chip, sampled at the AU regions (brows, forehead, eyes, nose, cheeks,
+  nasolabial folds, mouth corners, lips, chin).
+- `hf`: any transformers vision backbone (SigLIP, CLIP, DINOv2...) by hub id or local path; its patch
+  tokens feed the same head.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+# dlib 68-point indices of the AU regions; derived points are weighted sums of landmarks (rows of weights).
+_REGION_POINTS: dict[str, list[dict[int, float]]] = {
+    "brow_left": [{i: 1.0} for i in range(17, 22)],
+    "brow_right": [{i: 1.0} for i in range(22, 27)],
+    "glabella": [{21: 0.5, 22: 0.5}, {27: 1.0}, {21: 0.75, 22: 0.25}, {21: 0.25, 22: 0.75}],
+    "forehead_left": [{18: 2.0, 37: -1.0}, {19: 2.0, 37: -1.0}, {20: 2.0, 38: -1.0}],
+    "forehead_right": [{23: 2.0, 43: -1.0}, {24: 2.0, 44: -1.0}, {25: 2.0, 44: -1.0}],
+    "eye_left": [{i: 1.0} for i in range(36, 42)],
+    "eye_right": [{i: 1.0} for i in range(42, 48)],
+    "nose": [{i: 1.0} for i in (28, 29, 30, 31, 33, 35)],
+    "cheek_left": [{1: 0.5, 41: 0.5}, {2: 0.5, 31: 0.5}, {41: 0.5, 48: 0.5}, {3: 0.5, 48: 0.5}],
+    "cheek_right": [{15: 0.5, 46: 0.5}, {14: 0.5, 35: 0.5}, {46: 0.5, 54: 0.5}, {13: 0.5, 54: 0.5}],
+    "nasolabial_left": [{31: 0.5, 48: 0.5}, {31: 0.5, 49: 0.5}, {31: 0.5, 3: 0.5}],
+    "nasolabial_right": [{35: 0.5, 54: 0.5}, {35: 0.5, 53: 0.5}, {35: 0.5, 13: 0.5}],
+    "mouth_corner_left": [{48: 1.0}, {49: 1.0}, {59: 1.0}, {60: 1.0}, {48: 0.5, 4: 0.5}],
+    "mouth_corner_right": [{54: 1.0}, {53: 1.0}, {55: 1.0}, {64: 1.0}, {54: 0.5, 12: 0.5}],
+    "upper_lip": [{i: 1.0} for i in (50, 51, 52, 61, 62, 63)] + [{33: 0.5, 51: 0.5}],
+    "lower_lip": [{i: 1.0} for i in (56, 57, 58, 65, 66, 67)],
+    "chin": [{i: 1.0} for i in (7, 8, 9)] + [{57: 0.5, 8: 0.5}, {58: 0.5, 7: 0.5}, {56: 0.5, 9: 0.5}],
+}
+REGION_NAMES = tuple(_REGION_POINTS)
+
+# Left/right landmark permutation of the dlib 68-point scheme, for horizontal-flip augmentation.
+FLIP_PERMUTATION = np.array(
+    list(range(16, -1, -1)) + list(range(26, 16, -1)) + [27, 28, 29, 30] + [35, 34, 33, 32, 31]
+    + [45, 44, 43, 42, 47, 46] + [39, 38, 37, 36, 41, 40]
+    + [54, 53, 52, 51, 50, 49, 48, 59, 58, 57, 56, 55] + [64, 63, 62, 61, 60, 67, 66, 65]
+)
+
+
+def _sampling_matrix() -> tuple[torch.Tensor, torch.Tensor]:
+    """(points x 68) weights of every sampled point, and the region index of each point."""
+    rows, region_of_point = [], []
+    for region_index, points in enumerate(_REGION_POINTS.values()):
+        for weights in points:
+            row = torch.zeros(68)
+            for landmark, w in weights.items():
+                row[landmark] = w
+            rows.append(row)
+            region_of_point.append(region_index)
+    return torch.stack(rows), torch.tensor(region_of_point)
+
+
+class AUQueryHead(nn.Module):
+    """One learned query per AU attends over the backbone's tokens; returns the AU tokens and per-AU logits."""
+
+    def __init__(self, dim: int, num_aus: int, layers: int = 2, heads: int = 4, dropout: float = 0.1):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(num_aus, dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim * 2, dropout, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.mixer = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.au_weight = nn.Parameter(torch.randn(num_aus, dim) * 0.02)
+        self.au_bias = nn.Parameter(torch.zeros(num_aus))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        queries = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        mixed = self.mixer(torch.cat([tokens, queries], dim=1))
+        au_tokens = self.norm(mixed[:, tokens.shape[1]:])
+        logits = (au_tokens * self.au_weight).sum(-1) + self.au_bias
+        return au_tokens, logits
+
+
+class LandmarkPatchBackbone(nn.Module):
+    """Geometry tokens from aligned landmarks + appearance tokens from a small CNN sampled at AU regions."""
+
+    def __init__(self, dim: int = 128, chip_size: int = 64, channels: int = 64, dropout: float = 0.1):
+        super().__init__()
+        self.chip_size = chip_size
+        c = channels
+        self.cnn = nn.Sequential(
+            nn.Conv2d(1, c // 2, 3, padding=1), nn.BatchNorm2d(c // 2), nn.GELU(),
+            nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.GELU(),
+            nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(),
+            nn.Conv2d(c, c * 2, 3, stride=2, padding=1), nn.BatchNorm2d(c * 2), nn.GELU(),
+            nn.Conv2d(c * 2, c * 2, 3, padding=1), nn.BatchNorm2d(c * 2), nn.GELU(),
+        )
+        weights, region_of_point = _sampling_matrix()
+        self.register_buffer("point_weights", weights, persistent=False)
+        self.register_buffer("region_of_point", region_of_point, persistent=False)
+        num_regions = len(REGION_NAMES)
+        self.appearance = nn.Linear(c * 2 + 2, dim)
+        self.region_embedding = nn.Parameter(torch.randn(num_regions, dim) * 0.02)
+        self.geometry = nn.Sequential(nn.Linear(136, 256), nn.GELU(), nn.Dropout(dropout), nn.Linear(256, dim * 4))
+        self.dim = dim
+
+    def forward(self, chip: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        """chip [B,1,S,S] standardised gray, landmarks [B,68,2] in [-1,1] chip coords -> tokens [B,N,dim]."""
+        batch = chip.shape[0]
+        features = self.cnn(chip)
+        points = torch.einsum("pl,bld->bpd", self.point_weights, landmarks)
+        sampled = F.grid_sample(features, points.unsqueeze(2), align_corners=False).squeeze(-1).transpose(1, 2)
+        per_point = self.appearance(torch.cat([sampled, points], dim=-1))  # [B,P,dim]
+        num_regions = self.region_embedding.shape[0]
+        region_sum = per_point.new_zeros(batch, num_regions, self.dim).index_add(1, self.region_of_point, per_point)
+        counts = torch.bincount(self.region_of_point, minlength=num_regions).clamp(min=1).to(per_point.dtype)
+        region_tokens = region_sum / counts[None, :, None] + self.region_embedding
+        geometry_tokens = self.geometry(landmarks.flatten(1)).view(batch, 4, self.dim)
+        return torch.cat([geometry_tokens, region_tokens], dim=1)
+
+
+class HFVisionBackbone(nn.Module):
+    """Any transformers vision model; its last hidden states (patch tokens) feed the AU head."""
+
+    def __init__(self, dim: int, model_id: str | None = None, vision_config: dict | None = None,
+                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), pretrained: bool = True):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if vision_config is not None:
+            config = AutoConfig.for_model(**vision_config)
+            self.model = AutoModel.from_config(config)
+        elif pretrained:
+            self.model = AutoModel.from_pretrained(model_id)
+        else:
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(model_id))
+        if hasattr(self.model, "vision_model"):  # CLIP / SigLIP full models: keep the image tower only
+            self.model = self.model.vision_model
+        config = self.model.config
+        self.image_size = int(getattr(config, "image_size", 224))
+        self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
+        self.out = nn.Linear(config.hidden_size, dim)
+
+    def forward(self, chip: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        gray = chip * 0.25 + 0.5  # undo the chip standardisation roughly back to [0, 1]
+        image = F.interpolate(gray, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        image = (image.expand(-1, 3, -1, -1) - self.mean) / self.std
+        hidden = self.model(pixel_values=image).last_hidden_state
+        return self.out(hidden)
+
+
+class AUEncoder(nn.Module):
+    """Backbone + AU query head. `forward(chip, landmarks) -> (au_tokens [B,K,dim], au_logits [B,K])`."""
+
+    def __init__(self, config: dict, num_aus: int):
+        super().__init__()
+        self.config = dict(config)
+        dim = config.get("dim", 128)
+        kind = config.get("type", "landmark_patch")
+        if kind == "landmark_patch":
+            self.backbone = LandmarkPatchBackbone(dim, config.get("chip_size", 64), config.get("channels", 64))
+        elif kind == "hf":
+            self.backbone = HFVisionBackbone(dim, config.get("model_id"), config.get("vision_config"),
+                                             config.get("image_mean", (0.5,) * 3), config.get("image_std", (0.5,) * 3),
+                                             pretrained=config.get("pretrained", True))
+        else:
+            raise ValueError(f"unknown encoder type {kind!r}: use 'landmark_patch' or 'hf'")
+        self.head = AUQueryHead(dim, num_aus, layers=config.get("head_layers", 2))
+        self.hidden_size = dim
+
+    def forward(self, chip: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.backbone(chip, landmarks))
+
+
+def face_tensors(chip: np.ndarray, chip_landmarks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """An aligned uint8 chip and its landmarks -> the encoder's inputs (standardised chip, [-1,1] landmarks)."""
+    size = chip.shape[0]
+    pixels = torch.from_numpy(np.ascontiguousarray(chip, dtype=np.float32)) / 255.0
+    pixels = (pixels - pixels.mean()) / (pixels.std() + 1e-3) * 0.25
+    points = torch.from_numpy(np.asarray(chip_landmarks, dtype=np.float32)) / size * 2.0 - 1.0
+    return pixels.unsqueeze(0), points
+
+
+def flip_face(chip: np.ndarray, chip_landmarks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror an aligned face: pixels, landmark x and the left/right landmark labels."""
+    size = chip.shape[1]
+    flipped = chip_landmarks[FLIP_PERMUTATION].copy()
+    flipped[:, 0] = size - flipped[:, 0]
+    return chip[:, ::-1].copy(), flipped
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(math.prod(p.shape) for p in module.parameters())

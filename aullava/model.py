@@ -1,0 +1,416 @@
+"""AU-LLaVA: aligned face -> AU encoder -> linear projector -> causal LLM (LoRA) that writes the AUs.
+
+The prompt is ChatML: system, then the user turn (the format's instruction, then the image), then the
+assistant's answer. The image sits at the END of the user turn, so everything before it is a fixed prefix
+per format whose key/value cache is computed once and reused for every image (`_prefix_cache`).
+
+Answers are decoded along the format's plan (formats.py): text the format fixes is fed as-is, and at each
+choice the LLM picks among the allowed options by its own next-token logits. The model therefore always
+writes a parseable answer of bounded length, and every decision in it is the LLM's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from transformers import DynamicCache
+
+from . import formats as fmt_lib
+from .encoders import AUEncoder
+
+# The model's AUs: every AU with at least 10 positive peak frames in the shared CK+ data.
+DEFAULT_AUS = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)
+IMAGE_PLACEHOLDER = "<image>"
+SYSTEM_PROMPT = ("You are AU-LLaVA, a facial action coding assistant. You look at a face and report its FACS "
+                 "Action Units exactly in the requested format.")
+CONFIG_NAME = "aullava_config.json"
+WEIGHTS_NAME = "aullava.safetensors"
+ADAPTER_DIR = "adapter"
+
+
+@dataclass
+class AULlavaConfig:
+    aus: tuple[int, ...] = DEFAULT_AUS
+    base_llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    encoder: dict = field(default_factory=lambda: {"type": "landmark_patch", "dim": 128, "chip_size": 64,
+                                                   "channels": 32, "head_layers": 2})
+    lora: dict | None = field(default_factory=lambda: {
+        "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
+    system_prompt: str = SYSTEM_PROMPT
+    training: dict = field(default_factory=dict)  # provenance written by train.py
+
+    @property
+    def chip_size(self) -> int:
+        return int(self.encoder.get("chip_size", 64))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AULlavaConfig":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        known["aus"] = tuple(int(a) for a in known.get("aus", DEFAULT_AUS))
+        return cls(**known)
+
+
+@dataclass
+class Decision:
+    """One choice the LLM made while writing an answer."""
+    options: tuple
+    chosen: object
+    probability: float  # of the chosen option, among the options only
+
+
+@dataclass
+class Generation:
+    text: str
+    decisions: list
+
+
+class _OptionTrie:
+    """Token trie over a choice's options so the LLM picks among them token by token."""
+
+    def __init__(self, encoded: dict):
+        self.root: dict = {}
+        for option, ids in encoded.items():
+            node = self.root
+            for token in ids:
+                node = node.setdefault(token, {})
+            node[None] = option  # leaf marker
+
+
+class AULlava(nn.Module):
+    def __init__(self, config: AULlavaConfig, causal_lm, tokenizer, encoder: AUEncoder | None = None):
+        super().__init__()
+        self.config = config
+        self.tokenizer = tokenizer
+        self.encoder = encoder if encoder is not None else AUEncoder(config.encoder, len(config.aus))
+        self.llm = causal_lm  # a transformers causal LM, or a peft PeftModel around one
+        self.projector = nn.Linear(self.encoder.hidden_size, self._causal_lm().config.hidden_size)
+        self._prefix_cache: dict[str, tuple] = {}
+        self._lock = threading.RLock()
+        self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if self.eos_id is None or self.eos_id == tokenizer.unk_token_id:
+            self.eos_id = tokenizer.eos_token_id
+
+    # ----- pieces of the LLM -------------------------------------------------------------------------
+    def _causal_lm(self):
+        llm = self.llm
+        return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+    @property
+    def llm_dtype(self) -> torch.dtype:
+        return self._causal_lm().get_input_embeddings().weight.dtype
+
+    def add_lora(self):
+        from peft import LoraConfig, get_peft_model
+
+        if hasattr(self.llm, "peft_config"):
+            return
+        self.llm = get_peft_model(self.llm, LoraConfig(task_type="CAUSAL_LM", **self.config.lora))
+        self.invalidate_prefix_cache()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    # ----- prompt ------------------------------------------------------------------------------------
+    def prompt_parts(self, format_name: str) -> tuple[str, str]:
+        """The ChatML text before and after the image for a format's instruction."""
+        from .llm import chat_prompt
+
+        instruction = fmt_lib.get_format(format_name).instruction(self.config.aus)
+        text = chat_prompt(self.tokenizer, [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}],
+                           system=self.config.system_prompt)
+        before, after = text.split(IMAGE_PLACEHOLDER)
+        return before, after
+
+    def invalidate_prefix_cache(self):
+        self._prefix_cache.clear()
+
+    def _prefix(self, format_name: str, reuse: bool = True):
+        """(prefix length, per-layer (key, value) tensors of batch 1, suffix token ids) for a format."""
+        if reuse and format_name in self._prefix_cache:
+            return self._prefix_cache[format_name]
+        before, after = self.prompt_parts(format_name)
+        prefix_ids = torch.tensor([self.encode(before)])
+        with torch.no_grad():
+            out = self._causal_lm().get_decoder()(input_ids=prefix_ids, use_cache=True)
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        entry = (prefix_ids.shape[1], kv, self.encode(after))
+        if reuse:
+            self._prefix_cache[format_name] = entry
+        return entry
+
+    @staticmethod
+    def _expanded_cache(kv, batch: int) -> DynamicCache:
+        # transformers extends a passed cache in place: every call gets a fresh cache over the shared prefix.
+        return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
+
+    # ----- forward -----------------------------------------------------------------------------------
+    def image_embeddings(self, chip: torch.Tensor, landmarks: torch.Tensor):
+        au_tokens, au_logits = self.encoder(chip, landmarks)
+        return self.projector(au_tokens), au_logits
+
+    def _decode(self, embeds, attention_mask, position_ids, cache):
+        return self._causal_lm().get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
+                                               position_ids=position_ids, past_key_values=cache,
+                                               use_cache=True).last_hidden_state
+
+    def answer_loss(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool = False):
+        """Mean token cross-entropy of the answers (teacher forcing) and the encoder's per-AU logits.
+
+        The prefix cache is computed without gradient (exact while the LLM is frozen; with LoRA it skips the
+        adapter's gradient through the fixed instruction only). The LM head runs at answer positions only.
+        """
+        prefix_len, kv, suffix = self._prefix(format_name, reuse=reuse_prefix)
+        batch = chip.shape[0]
+        image, au_logits = self.image_embeddings(chip, landmarks)
+        width = max(len(a) for a in answers)
+        ids = torch.full((batch, len(suffix) + width), self.eos_id, dtype=torch.long)
+        mask = torch.zeros(batch, prefix_len + image.shape[1] + ids.shape[1], dtype=torch.long)
+        mask[:, : prefix_len + image.shape[1] + len(suffix)] = 1
+        for row, answer in enumerate(answers):
+            ids[row, : len(suffix)] = torch.tensor(suffix)
+            ids[row, len(suffix): len(suffix) + len(answer)] = torch.tensor(answer)
+            mask[row, prefix_len + image.shape[1] + len(suffix): prefix_len + image.shape[1] + len(suffix) + len(answer)] = 1
+        token_embeds = self._causal_lm().get_input_embeddings()(ids)
+        embeds = torch.cat([image.to(token_embeds.dtype), token_embeds], dim=1)
+        positions = torch.arange(prefix_len, prefix_len + embeds.shape[1]).unsqueeze(0).expand(batch, -1)
+        hidden = self._decode(embeds, mask, positions, self._expanded_cache(kv, batch))
+        # position t predicts token t+1: the answer's tokens are predicted from the position before each
+        start = image.shape[1] + len(suffix) - 1
+        targets, rows, cols = [], [], []
+        for row, answer in enumerate(answers):
+            rows += [row] * len(answer)
+            cols += list(range(start, start + len(answer)))
+            targets += answer
+        logits = self._causal_lm().get_output_embeddings()(hidden[rows, cols])
+        return F.cross_entropy(logits.float(), torch.tensor(targets)), au_logits
+
+    # ----- generation along a format's plan ----------------------------------------------------------
+    def answer_ids(self, format_name: str, result) -> list[int]:
+        """Training target: the answer tokenised piece by piece exactly as the decoder will feed it."""
+        fmt = fmt_lib.get_format(format_name)
+        text = fmt.render(result)
+        ids, pos, plan = [], 0, fmt.plan(self.config.aus)
+        item = next(plan)
+        while True:
+            if isinstance(item, fmt_lib.Forced):
+                assert text.startswith(item.text, pos), (text, pos, item.text)
+                ids += self.encode(item.text)
+                pos += len(item.text)
+                send = None
+            else:
+                matches = [o for o in item.options if o is not fmt_lib.END and text.startswith(o, pos)]
+                if not matches:
+                    assert fmt_lib.END in item.options and pos == len(text), (text, pos, item.options)
+                    ids.append(self.eos_id)
+                    return ids
+                send = matches[0]
+                ids += self.encode(send)
+                pos += len(send)
+            try:
+                item = plan.send(send)
+            except StopIteration:
+                return ids + [self.eos_id]
+
+    def _option_trie(self, options) -> _OptionTrie:
+        return _OptionTrie({o: ([self.eos_id] if o is fmt_lib.END else self.encode(o)) for o in options})
+
+    @torch.no_grad()
+    def generate(self, chip, landmarks, format_name: str) -> list[Generation]:
+        """Write the answer for each face in the batch, following the format's plan."""
+        with self._lock:
+            return self._generate(chip, landmarks, format_name)
+
+    def _generate(self, chip, landmarks, format_name):
+        fmt = fmt_lib.get_format(format_name)
+        prefix_len, kv, suffix = self._prefix(format_name)
+        batch = chip.shape[0]
+        image, _ = self.image_embeddings(chip.float(), landmarks.float())
+        embed = self._causal_lm().get_input_embeddings()
+        suffix_embeds = embed(torch.tensor(suffix)).unsqueeze(0).expand(batch, -1, -1)
+        embeds = torch.cat([image.to(suffix_embeds.dtype), suffix_embeds], dim=1)
+        cache = self._expanded_cache(kv, batch)
+        mask = torch.ones(batch, prefix_len + embeds.shape[1], dtype=torch.long)
+        positions = torch.arange(prefix_len, mask.shape[1]).unsqueeze(0).expand(batch, -1)
+        next_position = torch.full((batch,), mask.shape[1], dtype=torch.long)
+        hidden = self._decode(embeds, mask, positions, cache)
+        last_logits = self._causal_lm().get_output_embeddings()(hidden[:, -1]).float()
+
+        rows = [_PlanState(fmt.plan(self.config.aus)) for _ in range(batch)]
+        for row in rows:
+            row.advance(self, None)
+        while True:
+            for index, row in enumerate(rows):
+                if not row.finished and not row.pending:
+                    row.decide(self, last_logits[index])
+            if all(row.finished and not row.pending for row in rows):
+                break
+            width = max(len(row.pending) for row in rows)
+            if width == 0:
+                continue
+            ids = torch.full((batch, width), self.eos_id, dtype=torch.long)
+            new_mask = torch.zeros(batch, width, dtype=torch.long)
+            for index, row in enumerate(rows):
+                n = len(row.pending)
+                ids[index, :n] = torch.tensor(row.pending)
+                new_mask[index, :n] = 1
+            positions = next_position.unsqueeze(1) + torch.arange(width).unsqueeze(0)
+            mask = torch.cat([mask, new_mask], dim=1)
+            hidden = self._decode(embed(ids), mask, positions, cache)
+            last = (new_mask.sum(1) - 1).clamp(min=0)
+            fed = new_mask.sum(1) > 0
+            logits = self._causal_lm().get_output_embeddings()(hidden[torch.arange(batch), last]).float()
+            last_logits = torch.where(fed.unsqueeze(1), logits, last_logits)
+            next_position = next_position + new_mask.sum(1)
+            for row in rows:
+                row.pending = []
+        return [Generation("".join(row.pieces), row.decisions) for row in rows]
+
+
+class _PlanState:
+    """One row's progress through a format plan during batched decoding."""
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.started = False
+        self.pending: list[int] = []  # tokens decided or forced but not yet fed to the LLM
+        self.pieces: list[str] = []
+        self.decisions: list[Decision] = []
+        self.options = None
+        self.node = None
+        self.path_probability = 1.0
+        self.finished = False
+
+    def advance(self, model: AULlava, sent):
+        """Send the last choice to the plan and queue forced text up to the next choice."""
+        try:
+            item = self.plan.send(sent) if self.started else next(self.plan)
+            self.started = True
+            while isinstance(item, fmt_lib.Forced):
+                self.pieces.append(item.text)
+                self.pending += model.encode(item.text)
+                item = self.plan.send(None)
+        except StopIteration:
+            self.finished = True
+            return
+        self.options = item.options
+        self.node = model._option_trie(item.options).root
+        self.path_probability = 1.0
+        self._follow(model)
+
+    def decide(self, model: AULlava, logits: torch.Tensor):
+        """Pick the next token among the options' continuations by the LLM's own logits."""
+        tokens = [t for t in self.node if t is not None]
+        probabilities = torch.softmax(logits[tokens], dim=0)
+        best = int(probabilities.argmax())
+        self.path_probability *= float(probabilities[best])
+        self.pending.append(tokens[best])
+        self.node = self.node[tokens[best]]
+        self._follow(model)
+
+    def _follow(self, model):
+        """Walk down while there is nothing to choose; complete the option at a leaf."""
+        while len(self.node) == 1:
+            (token, child), = self.node.items()
+            if token is None:
+                return self._complete(model, child)
+            self.pending.append(token)
+            self.node = child
+
+    def _complete(self, model, option):
+        self.decisions.append(Decision(tuple(self.options), option, self.path_probability))
+        if option is fmt_lib.END:
+            self.pending = []  # the end token need not be fed
+            self.finished = True
+            return
+        self.pieces.append(option)
+        self.advance(model, option)
+
+
+def _state_with_prefix(prefix: str, module: nn.Module) -> dict:
+    return {f"{prefix}.{k}": v.detach().float().contiguous() for k, v in module.state_dict().items()}
+
+
+def _sub_state(state: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+
+
+def save_pretrained(model: AULlava, path) -> Path:
+    """One folder: the config json, encoder + projector safetensors, the peft adapter. No base LLM copy."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / CONFIG_NAME).write_text(model.config.to_json())
+    save_file(_state_with_prefix("encoder", model.encoder) | _state_with_prefix("projector", model.projector),
+              str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    if hasattr(model.llm, "peft_config"):
+        model.llm.save_pretrained(str(path / ADAPTER_DIR), safe_serialization=True)
+    return path
+
+
+def resolve_checkpoint(name_or_path) -> Path:
+    """A local folder, or a hub repo id downloaded (or read from the hub cache) with huggingface_hub."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        if not (path / CONFIG_NAME).is_file():
+            raise FileNotFoundError(f"{path} is not an AU-LLaVA checkpoint: {CONFIG_NAME} is missing")
+        return path
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
+        raise FileNotFoundError(f"no checkpoint folder at {name_or_path} (and it is not a hub repo id 'owner/name')")
+    from huggingface_hub import snapshot_download
+
+    local = Path(snapshot_download(repo_id=str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    if not (local / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"hub repo {name_or_path} holds no {CONFIG_NAME}")
+    return local
+
+
+def from_pretrained(name_or_path, llm=None, tokenizer=None, dtype=None, merge: bool = False,
+                    base_llm: str | None = None) -> AULlava:
+    """Load a checkpoint folder or hub repo. `merge=True` folds LoRA into a private copy of the base LLM
+    (fastest generation); otherwise the adapter stays switchable, so one base LLM also serves chat."""
+    from .llm import load_base_llm
+
+    path = resolve_checkpoint(name_or_path)
+    try:
+        config = AULlavaConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        state = load_file(str(path / WEIGHTS_NAME))
+    except (OSError, ValueError, json.JSONDecodeError) as error:
+        raise ValueError(f"checkpoint {path} is unreadable: {error}") from error
+    if base_llm:
+        config.base_llm = base_llm
+    if llm is None:
+        llm, tokenizer, _ = load_base_llm(config.base_llm, dtype=dtype, fresh=merge)
+    model = AULlava(config, llm, tokenizer)
+    model.encoder.load_state_dict(_sub_state(state, "encoder"))
+    model.projector.load_state_dict(_sub_state(state, "projector"))
+    adapter = path / ADAPTER_DIR
+    if adapter.is_dir():
+        from peft import PeftModel
+
+        model.llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
+        if merge:
+            model.llm = model.llm.merge_and_unload()
+    model.projector.to(torch.float32)
+    model.eval()
+    return model
+
+
+def push_to_hub(path, repo_id: str, private: bool = False, token: str | None = None) -> str:
+    """Upload a saved checkpoint folder to the hub; returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    resolve_checkpoint(path)
+    api = HfApi(token=token or os.environ.get("HF_TOKEN"))
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(path), repo_id=repo_id)
+    return f"https://huggingface.co/{repo_id}"

