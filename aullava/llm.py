@@ -226,11 +226,11 @@ def load_tokenizer(model_id: str = DEFAULT_MODEL_ID, cache_dir=None, fresh: bool
     the hub, in that order. A memoized tokenizer (this one's, or a loaded model's) is reused unless `fresh`."""
     with _lock:
         if not fresh:
+            for (memo_id, _), (_, tokenizer, source) in _memo.items():
+                if memo_id == model_id:  # a loaded model's own tokenizer first
+                    return tokenizer, source
             if model_id in _tokenizer_memo:
                 return _tokenizer_memo[model_id]
-            for (memo_id, _), (_, tokenizer, source) in _memo.items():
-                if memo_id == model_id:
-                    return tokenizer, source
         errors = []
         for source in _sources_for(model_id):
             try:

@@ -107,7 +107,12 @@ class Trainer:
         from .llm import load_base_llm, tiny_llm
 
         if self.config.tiny_llm:
+            # saved beside the run so its checkpoint names a base LLM that loads ("path" source)
             llm, tokenizer = tiny_llm(seed=self.config.seed)
+            folder = self.out / "tiny-llm"
+            llm.save_pretrained(str(folder))
+            tokenizer.save_pretrained(str(folder))
+            model_config.base_llm = str(folder.resolve())
         else:
             llm, tokenizer, source = load_base_llm(model_config.base_llm, fresh=True)
             self.log(f"base LLM {model_config.base_llm} from {source}")

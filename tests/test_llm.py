@@ -43,7 +43,7 @@ def test_gguf_load_fills_cache_and_reload_matches(gguf_load):
     assert [p.name for p in entry.parent.iterdir()] == [entry.name]  # no temporary folder left behind
     assert "quantization_config" not in (entry / "config.json").read_text()
 
-    assert not model.training and model.dtype == torch.bfloat16
+    assert not model.training and model.dtype == llm.preferred_dtype()
     assert not any(p.requires_grad for p in model.parameters())
 
     start = time.perf_counter()
@@ -51,7 +51,7 @@ def test_gguf_load_fills_cache_and_reload_matches(gguf_load):
     seconds = time.perf_counter() - start
     assert source2 == "cache"
     assert seconds < 15, f"cache reload took {seconds:.1f} s"
-    assert model2 is not model and model2.dtype == torch.bfloat16 and not model2.training
+    assert model2 is not model and model2.dtype == llm.preferred_dtype() and not model2.training
     assert model2.config.tie_word_embeddings
     assert model2.lm_head.weight.data_ptr() == model2.model.embed_tokens.weight.data_ptr()
     assert torch.equal(_logits(model, tokenizer), _logits(model2, tokenizer2))
@@ -99,7 +99,7 @@ def test_chat_prompt_uses_our_system_message(gguf_load):
 def test_local_folder_loads_as_path(gguf_load):
     entry = llm.cache_path(cache_dir=gguf_load["cache_dir"])
     model, tokenizer, source = llm.load_base_llm(str(entry), fresh=True)
-    assert source == "path" and model.dtype == torch.bfloat16
+    assert source == "path" and model.dtype == llm.preferred_dtype()
     assert torch.equal(_logits(model, tokenizer), _logits(gguf_load["model"], gguf_load["tokenizer"]))
 
 

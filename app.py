@@ -1,0 +1,291 @@
+"""AU-LLaVA web demo (Gradio Blocks; runs locally and on Hugging Face Spaces): python app.py
+
+A face goes in (upload, webcam, paste or an example); the AU-LLaVA model writes its Action Units in the chosen
+format; the page shows that text, an intensity chart, the face with its landmarks and active regions, an
+emotion hint, JSON/CSV downloads, and a chat grounded in the analysis. Live mode streams webcam frames.
+
+Named API endpoints (gradio_client): /analyse (image, format) and /chat (message, history, face). The logic
+lives in aullava.demo, aullava.plots and aullava.chat; this file only builds the page.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import matplotlib.cbook
+
+from aullava import chat as chat_lib
+from aullava import demo as logic
+from aullava.formats import format_names, get_format
+
+logger = logging.getLogger("aullava.app")
+
+
+
+def _example_faces() -> list[str]:
+    """Public-domain faces shipped by installed packages (matplotlib's grace_hopper.jpg), copied to a temp
+    folder: Gradio serves files only from the working directory, the temp directory or allowed paths."""
+    folder = Path(tempfile.gettempdir()) / "aullava-examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for name in ("grace_hopper.jpg",):
+        source = Path(matplotlib.cbook.get_sample_data(name, asfileobj=False))
+        target = folder / name
+        if not target.exists() or target.stat().st_size != source.stat().st_size:
+            shutil.copyfile(source, target)
+        copies.append(str(target))
+    return copies
+
+
+EXAMPLE_FACES = _example_faces()
+FORMAT_CHOICES = [(get_format(name).title, name) for name in format_names()]
+DEFAULT_FORMAT = os.environ.get("AULLAVA_DEFAULT_FORMAT", "intensity")
+CONCURRENCY = 2  # model calls run one at a time (the model's lock); 2 lets detection and drawing overlap
+LIVE_INTERVAL = 0.4  # seconds between webcam frames sent in live mode
+READY = "Give a face: upload a photo, use the webcam, paste an image or click the example."
+
+CSS = """
+#aullava-text textarea {font-family: ui-monospace, monospace; font-size: 0.85rem;}
+#aullava-status p {margin: 0;}
+.aullava-note {font-size: 0.8rem; opacity: 0.8;}
+"""
+
+
+def tolerant_image(**kwargs) -> gr.Image:
+    """A gr.Image whose preprocessing never fails: a file Pillow cannot open (a text file renamed .jpg) is
+    handed on as its path, so the analyser can say in a sentence what is wrong with it. (Patched on the
+    instance: a gr.Image subclass would make Gradio write an app.pyi stub beside this file.)"""
+    component = gr.Image(**kwargs)
+    original = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return original(payload)
+        except Exception:  # noqa: BLE001 - the analyser explains the problem
+            return getattr(payload, "path", None) or ""
+
+    component.preprocess = preprocess
+    return component
+
+
+# ----- event handlers -------------------------------------------------------------------------------------
+def _empty_outputs(message: str):
+    return (f"{message}", "", None, None, gr.update(choices=[], value=None, visible=False), "", None, None, None)
+
+
+def _view(session: logic.Session, index: int, status: str | None = None):
+    """The outputs that show one face of a session."""
+    choices = logic.face_choices(session)
+    index = index if 0 <= index < len(choices) else 0
+    face_result = session.result(index)
+    return (status or logic.status_line(session),
+            logic.model_text(session, index),
+            logic.chart(session, index),
+            logic.overlay(session, index),
+            gr.update(choices=choices, value=choices[index], visible=len(choices) > 1),
+            logic.emotion_hint(face_result.result),
+            logic.result_dict(session),
+            logic.download_files(session),
+            session)
+
+
+def analyse(image, format_name, session=None, face=None):
+    """Analyse a face image in one answer format.
+
+    Returns (status, model text, AU chart, face overlay, face selector, emotion hint, result JSON, downloads);
+    every problem comes back as a plain sentence in `status` (and a warning toast), never as an exception."""
+    started = time.perf_counter()
+    if image is None or image == "":
+        if image == "":
+            message = "That file could not be read as an image."
+            gr.Warning(message)
+            return _empty_outputs(message)
+        return _empty_outputs(READY)
+    format_name = format_name or DEFAULT_FORMAT
+    try:
+        analyzer = logic.get_analyzer()
+        previous = session if isinstance(session, logic.Session) else None
+        new = logic.analyse(analyzer, image, format_name, previous)
+        index = logic.face_index(face) if previous is not None and previous.key == new.key else 0
+        outputs = _view(new, index)
+    except Exception as error:  # noqa: BLE001 - shown as a sentence, the app keeps serving
+        if not isinstance(error, (logic.FaceError, ValueError)):
+            logger.exception("analyse failed")
+        message = logic.error_sentence(error, image)
+        gr.Warning(message)
+        return _empty_outputs(message)
+    logger.info("analyse %s: %.2f s", format_name, time.perf_counter() - started)
+    return outputs
+
+
+def show_face(face, session):
+    """Switch the text, chart, overlay and hint to another face of the current analysis (no model call)."""
+    if not isinstance(session, logic.Session) or not session.results:
+        return tuple(gr.skip() for _ in range(9))
+    return _view(session, logic.face_index(face))
+
+
+def chat(message, history, session=None, face=None):
+    """Answer a question about the analysed face, streamed. Yields (chat history, cleared input box)."""
+    history = list(history or [])
+    shown = message if isinstance(message, str) else ""
+    if len(shown) > 300:
+        shown = shown[:300] + f"... [{len(message):,} characters]"
+    history = history + [{"role": "user", "content": shown or "(empty message)"}]
+    facts = parse_error = None
+    generate = None
+    if isinstance(session, logic.Session) and session.results:
+        index = logic.face_index(face)
+        facts = session.facts(index)
+        parse_error = session.parse_error(index)
+    if facts is not None and chat_lib.refusal(message) is None:
+        try:
+            analyzer = logic.get_analyzer()
+            generate = chat_lib.LLMStreamer(analyzer.model, lock=analyzer.lock)
+        except Exception:  # noqa: BLE001 - the computed facts still answer
+            logger.exception("chat LLM unavailable")
+    previous = history[:-1]
+    try:
+        for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
+            yield history + [{"role": "assistant", "content": text}], ""
+    except Exception as error:  # noqa: BLE001
+        logger.exception("chat failed")
+        yield history + [{"role": "assistant", "content": f"Sorry, the chat failed ({type(error).__name__}); "
+                                                          "please ask again."}], ""
+
+
+def on_load(request: gr.Request):
+    """Page opened with ?example=1 (optionally &ask=<question>): show the example face analysed (and the
+    question answered), e.g. for screenshots and the headless-browser test."""
+    params = dict(request.query_params) if request is not None else {}
+    if params.get("example") in (None, "", "0"):
+        return gr.skip(), None
+    question = (params.get("ask") or "").strip()[: chat_lib.MAX_MESSAGE_CHARS] or None
+    return EXAMPLE_FACES[0], question
+
+
+def ask_pending(question, history, session=None, face=None):
+    """The question of ?ask=..., asked once the analysis is there."""
+    if not question:
+        yield gr.skip(), None
+        return
+    for history, _ in chat(question, history, session, face):
+        yield history, None
+
+
+def live(frame, state=None):
+    """One webcam frame in live mode: detect, let the model write the list answer, redraw. Returns (status,
+    text, chart, overlay, state); `state` counts the updates of this stream for the rate shown."""
+    if frame is None:
+        return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+    now = time.perf_counter()
+    if not isinstance(state, dict) or now - state.get("last", now) > 5:  # a new stream (or a long pause)
+        state = {"first": now, "count": 0}
+    state["last"] = now
+    state["count"] += 1
+    rate = (state["count"] - 1) / (now - state["first"]) if state["count"] > 1 else 0.0
+    prefix = f"Live update {state['count']} ({rate:.1f}/s)"
+    try:
+        analyzer = logic.get_analyzer()
+        new = logic.analyse(analyzer, frame, logic.LIVE_FORMAT, None, max_side=logic.LIVE_MAX_SIDE)
+    except logic.FaceError as error:
+        return f"{prefix}: {error}", gr.skip(), gr.skip(), gr.skip(), state
+    except Exception as error:  # noqa: BLE001
+        logger.exception("live frame failed")
+        return f"{prefix}: {logic.error_sentence(error)}", gr.skip(), gr.skip(), gr.skip(), state
+    seconds = time.perf_counter() - now
+    status = (f"{prefix}: {len(new.faces)} face(s); the model's own generated answer "
+              f"({get_format(logic.LIVE_FORMAT).title}) for face 1 took {seconds:.2f} s.")
+    return status, logic.model_text(new, 0), logic.chart(new, 0), logic.overlay(new, 0), state
+
+
+# ----- the page -----------------------------------------------------------------------------------------
+def build() -> gr.Blocks:
+    with gr.Blocks(title="AU-LLaVA: facial Action Units, written by an LLM", delete_cache=(3600, 7200)) as page:
+        session = gr.State(None, time_to_live=3600)
+        pending_question = gr.State(None)
+        live_session = gr.State(None, time_to_live=600)
+        gr.Markdown("## AU-LLaVA: facial Action Units, written by a language model\n"
+                    "A face goes through dlib (detection, 68 landmarks, alignment), an AU encoder and a projector "
+                    "into SmolLM2-135M-Instruct with a LoRA adapter, which writes the FACS Action Units in the "
+                    "format you choose. Research demo; not for judging people.")
+        with gr.Tabs():
+            with gr.Tab("Photo"):
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=280):
+                        image = tolerant_image(label="Face", type="filepath", image_mode=None,
+                                               sources=["upload", "webcam", "clipboard"], height=300,
+                                               elem_id="aullava-input")
+                        fmt = gr.Dropdown(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Answer format")
+                        face = gr.Radio([], label="Face", visible=False)
+                        status = gr.Markdown(READY, elem_id="aullava-status")
+                        gr.Examples(EXAMPLE_FACES, inputs=[image], label="Example (public domain)")
+                        overlay = gr.Image(label="Faces, landmarks and active regions", type="pil",
+                                           interactive=False, height=260, format="jpeg", elem_id="aullava-overlay")
+                    with gr.Column(scale=5, min_width=320):
+                        text = gr.Textbox(label="The model's answer", lines=3, max_lines=8, interactive=False,
+                                          elem_id="aullava-text", buttons=["copy"])
+                        bars = gr.Image(label="AU intensity (0-5)", show_label=False, type="pil",
+                                        interactive=False, format="png", elem_id="aullava-chart",
+                                        buttons=["download", "fullscreen"])
+                        hint = gr.Markdown("")
+                        downloads = gr.File(label="Download the result (JSON, CSV)", file_count="multiple",
+                                            interactive=False, height=90)
+                        result_json = gr.JSON(label="Result", visible=False)
+                    with gr.Column(scale=4, min_width=300):
+                        chatbot = gr.Chatbot(label="Ask about this face", height=470, elem_id="aullava-chat",
+                                             placeholder="Analyse a face, then ask: what does AU6 mean? "
+                                                         "Is this a genuine smile? Which AUs are on the brow?",
+                                             feedback_options=None)
+                        question = gr.Textbox(placeholder="Ask about the Action Units...", show_label=False,
+                                              submit_btn="Ask", max_length=chat_lib.MAX_MESSAGE_CHARS + 1)
+                        gr.Markdown("Answers come from the same base LLM (adapter off), grounded in the "
+                                    "analysis; when its wording contradicts the analysis, the computed facts "
+                                    "are shown instead.", elem_classes=["aullava-note"])
+            with gr.Tab("Live webcam"):
+                gr.Markdown(f"Streams webcam frames (one every {LIVE_INTERVAL} s at most; slow frames are "
+                            "skipped). Every update is the model's own generated answer in the "
+                            f"'{get_format(logic.LIVE_FORMAT).title}' format, for the largest face. "
+                            "Stop the webcam to stop.")
+                with gr.Row():
+                    with gr.Column():
+                        camera = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy",
+                                          height=360, elem_id="aullava-camera")
+                        live_status = gr.Markdown("", elem_id="aullava-live-status")
+                    with gr.Column():
+                        live_text = gr.Textbox(label="The model's answer (live)", interactive=False, lines=2,
+                                               elem_id="aullava-live-text")
+                        live_bars = gr.Image(label="AU chart (live)", type="pil", interactive=False, format="png")
+                        live_overlay = gr.Image(label="Face (live)", type="pil", interactive=False,
+                                                format="jpeg", height=240)
+
+        outputs = [status, text, bars, overlay, face, hint, result_json, downloads, session]
+        common = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
+        image.change(analyse, [image, fmt, session, face], outputs, api_name="analyse", **common).then(
+            ask_pending, [pending_question, chatbot, session, face], [chatbot, pending_question],
+            api_visibility="private", **common)
+        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private")  # a new face, a new chat
+        page.load(on_load, None, [image, pending_question], api_visibility="private")
+        fmt.change(analyse, [image, fmt, session, face], outputs, api_visibility="private",
+                   trigger_mode="always_last", **common)
+        face.input(show_face, [face, session], outputs, api_visibility="private", concurrency_limit=None)
+        question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
+        camera.stream(live, [camera, live_session], [live_status, live_text, live_bars, live_overlay, live_session],
+                      stream_every=LIVE_INTERVAL, time_limit=600, concurrency_limit=1, concurrency_id="live",
+                      api_visibility="private")
+    page.queue(default_concurrency_limit=CONCURRENCY, max_size=100)
+    return page
+
+
+demo = build()
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    threading.Thread(target=logic.warm_up, args=((DEFAULT_FORMAT, logic.LIVE_FORMAT),), daemon=True).start()
+    demo.launch(theme=gr.themes.Soft(), css=CSS, show_error=False)

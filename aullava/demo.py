@@ -1,0 +1,339 @@
+"""The web demo's logic without the UI: the shared analyser, one page session's analysis, what the page shows
+for a face (text, chart, overlay, emotion hint), and the JSON / CSV downloads. `app.py` only wires this into
+Gradio components, so all of it is testable without a browser or a server.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import facs, plots
+from . import formats as fmt_lib
+from .chat import FaceFacts
+from .face import FaceError
+
+logger = logging.getLogger(__name__)
+
+LIVE_FORMAT = "list"  # the live webcam mode writes the short list answer
+LIVE_MAX_SIDE = 640  # live frames are analysed at most this large
+DISPLAY_MAX_SIDE = 1024  # the overlay is drawn on a copy at most this large
+
+# ----- the analyser: one per process ----------------------------------------------------------------------
+_analyzer = None
+_analyzer_lock = threading.Lock()
+_analyzer_error: str | None = None
+
+
+def model_settings() -> dict:
+    """Where the model comes from, from the environment (documented in README):
+    AULLAVA_CHECKPOINT  folder or hub repo id of the AU-LLaVA checkpoint (default: the embedded one)
+    AULLAVA_BASE_LLM    base LLM id or folder instead of the one the checkpoint names
+    AULLAVA_DTYPE       float32 (default: bfloat16 matmuls are several times slower on CPUs without bf16
+                        units) or bfloat16
+    AULLAVA_THREADS     torch threads (default: the CPUs this process may use)"""
+    from .service import default_checkpoint
+
+    return {"checkpoint": default_checkpoint(), "base_llm": os.environ.get("AULLAVA_BASE_LLM") or None,
+            "dtype": os.environ.get("AULLAVA_DTYPE", "float32")}
+
+
+def get_analyzer():
+    """The process's analyser, loaded on first use (thread-safe; later callers wait for the first load)."""
+    global _analyzer, _analyzer_error
+    with _analyzer_lock:
+        if _analyzer is None:
+            import torch
+
+            from .llm import set_threads
+            from .model import from_pretrained
+            from .service import Analyzer
+
+            settings = model_settings()
+            set_threads()
+            started = time.perf_counter()
+            dtype = getattr(torch, settings["dtype"])
+            try:
+                model = from_pretrained(settings["checkpoint"], dtype=dtype, base_llm=settings["base_llm"])
+            except Exception as error:
+                _analyzer_error = f"{type(error).__name__}: {error}"
+                raise
+            _analyzer = Analyzer(settings["checkpoint"], model=model)
+            _analyzer_error = None
+            logger.info("AU-LLaVA model %s loaded in %.1f s (%s)", settings["checkpoint"],
+                        time.perf_counter() - started, settings["dtype"])
+        return _analyzer
+
+
+def warm_up(formats=("list",)):
+    """Load the model and compute the prompt prefix of some formats (for a background thread at start-up)."""
+    try:
+        analyzer = get_analyzer()
+        for name in formats:
+            analyzer.model._prefix(name)  # noqa: SLF001 - the format's cached prompt prefix
+    except Exception:  # noqa: BLE001 - reported again, as a sentence, on the first request
+        logger.exception("warm-up failed")
+
+
+# ----- one session's analysis ---------------------------------------------------------------------------
+@dataclass
+class Session:
+    """What one page (or API client) has analysed: the image, its faces, the model's answers in one format."""
+    key: str  # identifies the image, so a format change re-uses the detected faces
+    display: Image.Image  # the image, at most DISPLAY_MAX_SIDE px
+    scale: float  # display pixels per image pixel
+    faces: list  # aullava.face.Face, image coordinates
+    format: str
+    results: list  # aullava.service.FaceResult, one per face
+    seconds: dict = field(default_factory=dict)
+    image_size: tuple = (0, 0)
+
+    def result(self, index: int):
+        index = index if 0 <= index < len(self.results) else 0
+        return self.results[index]
+
+    def facts(self, index: int) -> FaceFacts | None:
+        """What the chat knows about one face (None if the model's answer could not be read)."""
+        if not self.results:
+            return None
+        face_result = self.result(index)
+        if face_result.result is None:
+            return None
+        return FaceFacts.from_result(face_result.result, fmt_lib.get_format(self.format).title,
+                                     face_result.face.index + 1, len(self.results))
+
+    def parse_error(self, index: int) -> str | None:
+        return self.result(index).error if self.results else None
+
+
+def image_key(image) -> str:
+    """A cheap identity of an input image: a file path with its size and modification time, or a hash of
+    the pixels of an array."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            stat = os.stat(image)
+            return f"{os.fspath(image)}:{stat.st_size}:{stat.st_mtime_ns}"
+        except OSError:
+            return os.fspath(image)
+    if isinstance(image, np.ndarray):
+        return "array:" + hashlib.sha1(np.ascontiguousarray(image).tobytes()).hexdigest()
+    return f"object:{id(image)}"
+
+
+def analyse(analyzer, image, format_name: str, session: Session | None = None,
+            max_side: int | None = None) -> Session:
+    """Detect the faces (re-used from `session` when it holds the same image) and let the model describe
+    them in `format_name`. Raises aullava.face.FaceError subclasses with a sentence for the user."""
+    fmt_lib.get_format(format_name)  # ValueError for an unknown format, before any work
+    seconds = {}
+    key = image_key(image)
+    if session is not None and session.key == key and session.faces:
+        faces, display, scale, size = session.faces, session.display, session.scale, session.image_size
+        seconds["detect"] = 0.0
+    else:
+        started = time.perf_counter()
+        rgb, faces = analyzer.detect(image if max_side is None else _shrunk(image, max_side))
+        seconds["detect"] = time.perf_counter() - started
+        size = (rgb.shape[1], rgb.shape[0])
+        scale = plots.display_scale(*size, max_side=DISPLAY_MAX_SIDE)
+        display = Image.fromarray(rgb)
+        if scale < 1:
+            display = display.resize((max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
+                                     Image.BILINEAR)
+    started = time.perf_counter()
+    results = analyzer.describe(faces, format_name)
+    seconds["generate"] = time.perf_counter() - started
+    return Session(key, display, scale, faces, format_name, results, seconds, size)
+
+
+def _shrunk(image, max_side: int):
+    """A webcam frame (array) reduced to max_side px, for the live mode."""
+    if isinstance(image, np.ndarray) and max(image.shape[:2]) > max_side:
+        picture = Image.fromarray(image)
+        picture.thumbnail((max_side, max_side), Image.BILINEAR)
+        return np.asarray(picture)
+    return image
+
+
+# ----- what the page shows for one face -----------------------------------------------------------------
+def face_choices(session: Session | None) -> list[str]:
+    if session is None:
+        return []
+    return [f"Face {r.face.index + 1}" for r in session.results]
+
+
+def face_index(choice) -> int:
+    """'Face 2' (or 2, or None) -> 1 (0-based; 0 when unknown)."""
+    if isinstance(choice, (int, float)):
+        return max(0, int(choice) - 1)
+    if isinstance(choice, str) and choice.strip().split()[-1:] and choice.strip().split()[-1].isdigit():
+        return max(0, int(choice.strip().split()[-1]) - 1)
+    return 0
+
+
+def model_text(session: Session, index: int) -> str:
+    face_result = session.result(index)
+    text = face_result.text
+    if face_result.error:
+        text += f"\n\n[Could not be read as {fmt_lib.get_format(session.format).title}: {face_result.error}]"
+    return text
+
+
+def emotion_hint(result) -> str:
+    """The EMFACS hint, worded as a hint, with the AUs that support it (markdown)."""
+    if result is None:
+        return "No emotion hint: the model's answer could not be read."
+    active = facs.sort_by_region(result.active)
+    hints = facs.emotion_hints(active)
+    if not hints:
+        if not active:
+            return "**Emotion hint:** none; no Action Unit is active (a neutral face, as far as the model sees)."
+        return ("**Emotion hint:** none; the active AUs (" + ", ".join(f"AU{a}" for a in active)
+                + ") match no EMFACS emotion prototype.")
+    lines = []
+    for hint in hints[:3]:
+        support = " + ".join(facs.au_label(a) for a in hint.supporting_aus)
+        lines.append(f"**{hint.emotion}** ({hint.coverage:.0%} of its prototype): {support}")
+    return ("**Emotion hint** (EMFACS prototypes; a hint from the AUs, not a reading of feelings):  \n"
+            + "  \n".join(lines))
+
+
+def chart(session: Session, index: int) -> Image.Image:
+    face_result = session.result(index)
+    fmt = fmt_lib.get_format(session.format)
+    title = f"Face {face_result.face.index + 1} - {fmt.title}"
+    if face_result.result is None:
+        return plots.message_image(f"{title}\nThe model's answer could not be read,\nso there is nothing to chart.")
+    return plots.intensity_chart(face_result.result, title=title, carries_intensity=fmt.carries_intensity)
+
+
+def overlay(session: Session, index: int) -> Image.Image:
+    face_result = session.result(index)
+    active = face_result.result.active if face_result.result is not None else ()
+    scaled = [_ScaledFace(f, session.scale) for f in session.faces]
+    return plots.face_overlay(session.display, scaled, selected=face_result.face.index, active_aus=active,
+                              max_side=DISPLAY_MAX_SIDE)
+
+
+class _ScaledFace:
+    """A face's box and landmarks in display pixels."""
+
+    def __init__(self, face, scale: float):
+        self.index = face.index
+        self.box = tuple(float(v) * scale for v in face.box)
+        self.landmarks = np.asarray(face.landmarks, dtype=float) * scale
+
+
+def status_line(session: Session) -> str:
+    count = len(session.faces)
+    total = sum(session.seconds.values())
+    faces = "1 face" if count == 1 else f"{count} faces"
+    return (f"Found {faces}; the model answered in {session.seconds.get('generate', 0):.2f} s "
+            f"(total {total:.2f} s).")
+
+
+# ----- downloads --------------------------------------------------------------------------------------
+def result_dict(session: Session) -> dict:
+    """Everything the page shows, JSON-ready: per face its box, the model's text, the parsed AUs with names
+    and regions, the emotion hints and the model's choice probabilities."""
+    fmt = fmt_lib.get_format(session.format)
+    faces = []
+    for face_result in session.results:
+        entry = face_result.to_dict()
+        entry["face"] = face_result.face.index + 1
+        entry["confidence"] = face_result.confidence
+        if face_result.result is not None:
+            result = face_result.result
+            entry["active"] = [fmt_lib.au_code(a) for a in facs.sort_by_region(result.active)]
+            entry["table"] = [{"au": fmt_lib.au_code(a), "name": facs.AUS[a].name, "region": facs.AUS[a].region,
+                               "present": result.present[a], "intensity": result.intensity[a]}
+                              for a in facs.sort_by_region(result.aus)]
+            entry["emotion_hints"] = [{"emotion": h.emotion, "supporting_aus": [fmt_lib.au_code(a)
+                                                                               for a in h.supporting_aus],
+                                       "coverage": round(h.coverage, 3)}
+                                      for h in facs.emotion_hints(result.active)]
+        faces.append(entry)
+    return {"format": session.format, "format_title": fmt.title, "image_size": list(session.image_size),
+            "faces": faces, "seconds": {k: round(v, 3) for k, v in session.seconds.items()}}
+
+
+CSV_FIELDS = ("face", "box", "format", "au", "name", "region", "present", "intensity", "model_text",
+              "parse_error")
+
+
+def result_csv(session: Session) -> str:
+    """One row per face and AU (faces whose answer could not be read get one row with the error)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for face_result in session.results:
+        common = {"face": face_result.face.index + 1,
+                  "box": " ".join(f"{float(v):.1f}" for v in face_result.face.box),
+                  "format": session.format, "model_text": face_result.text, "parse_error": face_result.error or ""}
+        if face_result.result is None:
+            writer.writerow(common)
+            continue
+        result = face_result.result
+        for a in facs.sort_by_region(result.aus):
+            value = result.intensity[a]
+            writer.writerow(common | {"au": fmt_lib.au_code(a), "name": facs.AUS[a].name,
+                                      "region": facs.AUS[a].region, "present": int(result.present[a]),
+                                      "intensity": "" if value is None else f"{value:g}"})
+    return out.getvalue()
+
+
+_download_dir = Path(tempfile.mkdtemp(prefix="aullava-downloads-"))
+KEEP_DOWNLOADS = 200
+
+
+def download_files(session: Session) -> list[str]:
+    """The result written as aullava-result-<hash>.json and .csv in a private temp folder (the newest
+    KEEP_DOWNLOADS files are kept)."""
+    data = json.dumps(result_dict(session), indent=2)
+    table = result_csv(session)
+    digest = hashlib.sha1((data + table).encode()).hexdigest()[:12]
+    paths = []
+    for suffix, content in (("json", data), ("csv", table)):
+        path = _download_dir / f"aullava-result-{digest}.{suffix}"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(content)
+            os.replace(tmp, path)
+        paths.append(str(path))
+    _prune_downloads()
+    return paths
+
+
+def _prune_downloads():
+    files = sorted(_download_dir.glob("aullava-result-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for stale in files[KEEP_DOWNLOADS:]:
+        stale.unlink(missing_ok=True)
+
+
+# ----- errors -----------------------------------------------------------------------------------------
+def error_sentence(error: BaseException, image=None) -> str:
+    """A plain sentence for anything the analysis raised. Server-side paths of uploads (the image given as
+    `image`) are shortened to the file's name."""
+    if isinstance(error, FaceError):
+        text = str(error)
+        if isinstance(image, (str, os.PathLike)) and os.fspath(image):
+            text = text.replace(os.fspath(image), f'"{Path(image).name}"')
+        return text
+    if isinstance(error, MemoryError):
+        return "The image is too large to process; try a smaller photo."
+    if isinstance(error, ValueError) and "format" in str(error):
+        return str(error)
+    if _analyzer is None and _analyzer_error:
+        return f"The model could not be loaded, so nothing can be analysed ({_analyzer_error})."
+    return f"Something went wrong while analysing this image ({type(error).__name__}); please try another photo."

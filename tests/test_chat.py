@@ -1,0 +1,261 @@
+"""The grounded chat's logic (aullava.chat), with a fake LLM: intents, computed facts, checks, fallbacks."""
+import pytest
+
+from aullava import chat, facs
+from aullava.formats import AUResult
+
+AUS = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)
+
+
+def facts_of(active, intensity=None, title="FACS intensity (0-5)"):
+    return chat.FaceFacts.from_result(AUResult.from_active(AUS, active, intensity), title)
+
+
+SMILE = facts_of([6, 12, 25], {6: 2.0, 12: 3.4, 25: 1.0})
+SOCIAL = facts_of([12], {12: 3.0})
+PRESENCE = facts_of([1, 2, 26], title="List of active AUs")
+
+
+def fake_llm(*pieces, calls=None):
+    def generate(system, messages):
+        if calls is not None:
+            calls.append((system, messages))
+        yield from pieces
+    return generate
+
+
+def final(iterator):
+    value = None
+    for value in iterator:
+        pass
+    return value
+
+
+@pytest.mark.parametrize("question, kind, aus, region", [
+    ("what does AU6 mean?", "define", (6,), None),
+    ("What is action unit 12?", "define", (12,), None),
+    ("is this a genuine smile?", "genuine_smile", (6, 12), None),
+    ("Is it a Duchenne smile or a fake one?", "genuine_smile", (6, 12), None),
+    ("which AUs are on the brow?", "region", (), "brows"),
+    ("what is happening around the mouth", "region", (), "mouth"),
+    ("how strong is AU12?", "intensity", (12,), None),
+    ("what's the intensity of AU06", "intensity", (6,), None),
+    ("what emotion does this show?", "emotion", (), None),
+    ("which action units are active?", "list", (), None),
+    ("tell me a joke", "open", (), None),
+])
+def test_questions_are_understood(question, kind, aus, region):
+    intent = chat.parse_question(question)
+    assert intent.kind == kind
+    assert set(intent.aus) == set(aus)
+    assert intent.region == region
+
+
+def test_mentioned_aus_by_code_and_name():
+    assert chat.mentioned_aus("AU06 and the lip corner puller, also AU 25") == [6, 12, 25]
+    assert chat.mentioned_aus("intensity 3.4 of 5") == []
+
+
+def test_factual_answers_are_computed_from_analysis_and_facs():
+    define = chat.factual_answer(chat.parse_question("what does AU6 mean?"), SMILE)
+    assert "cheek raiser" in define and facs.AUS[6].muscles in define and "detected" in define
+    absent = chat.factual_answer(chat.parse_question("what does AU4 mean?"), SMILE)
+    assert "brow lowerer" in absent and "not detected" in absent
+    strength = chat.factual_answer(chat.parse_question("how strong is AU12?"), SMILE)
+    assert "3.4" in strength and "marked" in strength
+    no_intensity = chat.factual_answer(chat.parse_question("how strong is AU1?"), PRESENCE)
+    assert "presence only" in no_intensity
+    brows = chat.factual_answer(chat.parse_question("which AUs are on the brow?"), PRESENCE)
+    assert "AU1 inner brow raiser" in brows and "AU2 outer brow raiser" in brows and "AU26" not in brows
+    assert "No Action Unit" in chat.factual_answer(chat.parse_question("which AUs are on the brow?"), SMILE)
+
+
+def test_genuine_smile_follows_the_duchenne_rule():
+    question = chat.parse_question("is this a genuine smile?")
+    assert facs.GENUINE_SMILE == (6, 12)
+    assert "genuine (Duchenne)" in chat.factual_answer(question, SMILE)
+    assert "non-Duchenne" in chat.factual_answer(question, SOCIAL)
+    assert "no smile" in chat.factual_answer(question, PRESENCE)
+
+
+def test_emotion_answer_is_worded_as_a_hint():
+    text = chat.factual_answer(chat.parse_question("what emotion is this?"), SMILE)
+    assert "hint" in text and "happiness" in text and "AU6 + AU12" in text
+
+
+def test_system_prompt_holds_detected_aus_with_facs_facts():
+    system, messages = chat.build_messages("how strong is AU12?", SMILE)
+    assert "AU12 lip corner puller at intensity 3.4 of 5 (marked)" in system
+    assert "zygomaticus major" in system and "region mouth" in system
+    assert "AU4" not in system  # undetected AUs are not put in the model's mouth
+    assert messages[-1]["role"] == "user" and "Facts: AU12 lip corner puller" in messages[-1]["content"]
+    assert messages[-1]["content"].endswith("Question: how strong is AU12?")
+
+
+def test_history_is_short_and_well_formed():
+    history = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1" * 500},
+               {"role": "user", "content": [{"type": "text", "text": "q2"}]},
+               {"role": "assistant", "content": "a2"}]
+    _, messages = chat.build_messages("what does AU6 mean?", SMILE, history)
+    tail = messages[len(chat.EXAMPLES):]
+    assert [m["role"] for m in tail] == ["user", "assistant", "user"]
+    assert tail[0]["content"] == "q2" and all(len(m["content"]) <= chat.HISTORY_CHARS for m in tail[:-1])
+
+
+def test_no_analysis_answers_without_the_llm():
+    calls = []
+    assert final(chat.respond("what does AU6 mean?", None, [], fake_llm("x", calls=calls))) == chat.NO_ANALYSIS
+    assert calls == []
+    unreadable = final(chat.respond("hi", None, [], fake_llm("x", calls=calls), parse_error="bad answer"))
+    assert "could not be read" in unreadable and calls == []
+
+
+@pytest.mark.parametrize("message", ["", "   ", None, "x" * 20000])
+def test_empty_and_long_messages_are_refused_plainly(message):
+    calls = []
+    reply = final(chat.respond(message, SMILE, [], fake_llm("x", calls=calls)))
+    assert calls == []
+    assert reply in (chat.EMPTY_MESSAGE,) or reply.startswith("That message is 20,000 characters")
+
+
+def test_a_good_llm_answer_streams_through():
+    pieces = ["AU12, the lip corner puller, ", "is marked: ", "intensity 3.4 of 5."]
+    reply = chat.Reply()
+    values = list(chat.respond("how strong is AU12?", SMILE, [], fake_llm(*pieces), reply=reply))
+    assert len(values) >= 3 and values[0] == pieces[0]
+    assert values[-1] == "".join(pieces).strip() and reply.source == "llm"
+
+
+def test_an_undetected_au_triggers_the_factual_fallback():
+    reply = chat.Reply()
+    text = final(chat.respond("how strong is AU12?", SMILE, [],
+                              fake_llm("AU12 is marked, ", "and AU4 brow lowerer too."), reply=reply))
+    assert reply.source == "facts" and "AU4" in reply.rejected
+    assert text.startswith("AU12 lip corner puller at intensity 3.4 of 5 (marked).")
+    assert "AU4" not in text
+
+
+def test_the_asked_au_may_be_named_even_if_not_detected():
+    text = final(chat.respond("what does AU4 mean?", SMILE, [],
+                              fake_llm("AU4 is the brow lowerer; it is not detected here.")))
+    assert text == "AU4 is the brow lowerer; it is not detected here."
+
+
+@pytest.mark.parametrize("question, answer, why", [
+    ("how strong is AU12?", "AU12 is at 1.5.", "numbers"),
+    ("how strong is AU12?", "It is strong.", "does not name AU12"),
+    ("how strong is AU12?", "AU12 is not detected.", "absent"),
+    ("how strong is AU12?", "AU12 is at maximum intensity.", "intensities"),
+    ("is this a genuine smile?", "No, it is not a genuine smile.", "genuine"),
+    ("what emotion is this?", "It looks sad to me.", "hinted emotion"),
+    ("which AUs are on the brow?", "AU1 is on the brow.", "AU1"),
+    ("tell me a joke", "ha ha ha ha ha ha ha ha ha ha ha ha", "repeats"),
+    ("what does AU6 mean?", "", "empty"),
+])
+def test_check_answer_rejects_ungrounded_text(question, answer, why):
+    intent = chat.parse_question(question)
+    problem = chat.check_answer(answer, SMILE, intent, question)
+    assert problem is not None and why.split()[0] in problem
+
+
+def test_check_answer_accepts_grounded_text():
+    for question, answer in [("is this a genuine smile?", "Yes, it is a genuine Duchenne smile: AU6 and AU12."),
+                             ("what emotion is this?", "A hint of happiness, from AU6 and AU12."),
+                             ("which AUs are on the brow?", "None: no Action Unit is detected on the brow.")]:
+        assert chat.check_answer(answer, SMILE, chat.parse_question(question), question) is None
+
+
+def test_generation_stops_early_when_the_llm_strays():
+    produced = []
+
+    def generate(system, messages):
+        for piece in ["AU12 is marked ", "but AU9 ", "nose wrinkler ", "and more ", "and more"]:
+            produced.append(piece)
+            yield piece
+
+    reply = chat.Reply()
+    final(chat.respond("how strong is AU12?", SMILE, [], generate, reply=reply))
+    assert reply.source == "facts" and len(produced) == 2  # stopped at the first stray AU
+
+
+def test_answers_are_cut_to_two_sentences():
+    text = final(chat.respond("which action units are active?", SMILE, [],
+                              fake_llm("AU6, AU12 and AU25 are active. ", "They are cheek raiser. ",
+                                       "Also the lips part. ", "And more.")))
+    assert chat.sentences(text) == ["AU6, AU12 and AU25 are active.", "They are cheek raiser."]
+
+
+def test_llm_failure_falls_back_to_facts():
+    def broken(system, messages):
+        yield "AU12"
+        raise RuntimeError("out of memory")
+
+    text = final(chat.respond("how strong is AU12?", SMILE, [], broken))
+    assert text == chat.factual_answer(chat.parse_question("how strong is AU12?"), SMILE)
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from aullava.llm import tiny_llm
+    from aullava.model import AULlava, AULlavaConfig
+
+    try:
+        llm, tokenizer = tiny_llm()
+    except RuntimeError as error:
+        pytest.skip(f"the SmolLM2 tokenizer is unavailable: {error}")
+    model = AULlava(AULlavaConfig(), llm, tokenizer)
+    model.add_lora()
+    return model
+
+
+def test_llm_streamer_runs_the_base_llm_with_the_adapter_off(tiny_model):
+    import threading
+
+    lock = threading.RLock()
+    streamer = chat.LLMStreamer(tiny_model, lock=lock, max_new_tokens=8)
+    system, messages = chat.build_messages("how strong is AU12?", SMILE)
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layer = next(m for m in tiny_model.llm.modules() if isinstance(m, BaseTunerLayer))
+    seen = []
+    original = tiny_model.llm.generate
+
+    def spy(*args, **kwargs):
+        # inside generation the adapter is switched off and the lock is held by the worker thread
+        seen.append((layer.disable_adapters, lock._is_owned()))
+        return original(*args, **kwargs)
+
+    tiny_model.llm.generate = spy
+    try:
+        pieces = list(streamer(system, messages))
+    finally:
+        del tiny_model.llm.generate
+    assert seen == [(True, True)]
+    assert isinstance("".join(pieces), str)
+    assert layer.disable_adapters is False  # the adapter is back on for AU generation
+    assert lock.acquire(blocking=False)  # released after the generation
+    lock.release()
+
+
+def test_llm_streamer_stops_when_closed_early(tiny_model):
+    streamer = chat.LLMStreamer(tiny_model, max_new_tokens=60)
+    stream = streamer(*chat.build_messages("what does AU6 mean?", SMILE))
+    next(stream, None)
+    stream.close()  # joins the worker, which stops at the next token
+    assert not any(t.name == "aullava-chat" and t.is_alive() for t in __import__("threading").enumerate())
+
+
+def test_muscles_of_undetected_aus_are_rejected():
+    intent = chat.parse_question("how strong is AU12?")
+    copied = "AU12 lip corner puller, pulled by the depressor anguli oris muscle, is marked at 3.4 of 5."
+    assert "depressor anguli oris" in chat.check_answer(copied, SMILE, intent)
+    right = "AU12 lip corner puller, pulled by the zygomaticus major, is marked at 3.4 of 5."
+    assert chat.check_answer(right, SMILE, intent) is None
+    assert chat.unsupported_muscles("the levator labii superioris alaeque nasi wrinkles the nose", {9}) == []
+
+
+def test_genuine_smile_wording_with_negated_alternatives_is_accepted():
+    intent = chat.parse_question("is this a genuine smile?")
+    assert chat.check_answer("It is a genuine smile, not a fake one: AU6 with AU12.", SMILE, intent) is None
+    assert chat.check_answer("It is not a genuine smile.", SMILE, intent) is not None
+    assert chat.check_answer("It is not a genuine smile: AU12 without AU6.", SOCIAL, intent) is None
