@@ -46,6 +46,9 @@ class TrainConfig:
     projector_lr: float = 1e-3
     lora_lr: float = 5e-4
     aux_weight: float = 1.0
+    # Encoder learning rate during the LLM stages, relative to theirs. 0 freezes it: at 0.2 the LLM's gradient
+    # pulled the encoder's held-out macro F1 from 0.76 to 0.71 in the first CK+ run.
+    encoder_lr_scale: float = 0.0
     seed: int = 0
     save_every: int = 50
     base_llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -158,8 +161,11 @@ class Trainer:
         if stage == "lora":
             model.add_lora()
         lr = c.projector_lr if stage == "projector" else c.lora_lr
-        params = [{"params": list(model.projector.parameters()), "lr": lr},
-                  {"params": list(model.encoder.parameters()), "lr": lr * 0.2}]
+        params = [{"params": list(model.projector.parameters()), "lr": lr}]
+        if c.encoder_lr_scale > 0:
+            params.append({"params": list(model.encoder.parameters()), "lr": lr * c.encoder_lr_scale})
+        else:
+            model.encoder.requires_grad_(False)
         if stage == "lora":
             params.append({"params": [p for n, p in model.llm.named_parameters() if "lora_" in n], "lr": lr})
         steps = c.projector_steps if stage == "projector" else c.lora_steps
@@ -191,6 +197,8 @@ class Trainer:
             base_lrs = [g["lr"] for g in optimizer.param_groups]
             self.model.train()
             self.model.llm.eval()  # dropout off in the frozen LLM; LoRA dropout still applies in train mode
+            if stage != "encoder" and self.config.encoder_lr_scale <= 0:
+                self.model.encoder.eval()  # frozen: batch-norm statistics stay those it was trained with
             if stage == "lora":
                 for module in self.model.llm.modules():
                     if "lora_dropout" in type(module).__name__.lower():
