@@ -56,20 +56,16 @@ def get_analyzer():
         if _analyzer is None:
             import torch
 
-            from .llm import set_threads
-            from .model import from_pretrained
             from .service import Analyzer
 
             settings = model_settings()
-            set_threads()
             started = time.perf_counter()
-            dtype = getattr(torch, settings["dtype"])
             try:
-                model = from_pretrained(settings["checkpoint"], dtype=dtype, base_llm=settings["base_llm"])
+                _analyzer = Analyzer(settings["checkpoint"], dtype=getattr(torch, settings["dtype"]),
+                                     base_llm=settings["base_llm"])
             except Exception as error:
                 _analyzer_error = f"{type(error).__name__}: {error}"
                 raise
-            _analyzer = Analyzer(settings["checkpoint"], model=model)
             _analyzer_error = None
             logger.info("AU-LLaVA model %s loaded in %.1f s (%s)", settings["checkpoint"],
                         time.perf_counter() - started, settings["dtype"])
@@ -80,8 +76,7 @@ def warm_up(formats=("list",)):
     """Load the model and compute the prompt prefix of some formats (for a background thread at start-up)."""
     try:
         analyzer = get_analyzer()
-        for name in formats:
-            analyzer.model._prefix(name)  # noqa: SLF001 - the format's cached prompt prefix
+        analyzer.model.warm(formats)
     except Exception:  # noqa: BLE001 - reported again, as a sentence, on the first request
         logger.exception("warm-up failed")
 

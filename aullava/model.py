@@ -132,6 +132,12 @@ class AULlava(nn.Module):
         before, after = text.split(IMAGE_PLACEHOLDER)
         return before, after
 
+    def warm(self, format_names):
+        """Compute (and cache) the prompt prefix of these formats ahead of the first request."""
+        with self._lock:
+            for name in format_names:
+                self._prefix(name)
+
     def invalidate_prefix_cache(self):
         self._prefix_cache.clear()
 

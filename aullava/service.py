@@ -47,14 +47,15 @@ class Analyzer:
     """Loads the model once; thread-safe; `analyze(image, format)` for every face in the image."""
 
     def __init__(self, checkpoint: str | None = None, detector: str = "hog", merge: bool = False, model=None,
-                 dtype=None):
+                 dtype=None, base_llm: str | None = None):
         from .llm import set_threads
         from .model import from_pretrained
 
         started = time.perf_counter()
         set_threads()
         self.checkpoint = checkpoint or default_checkpoint()
-        self.model = model if model is not None else from_pretrained(self.checkpoint, merge=merge, dtype=dtype)
+        self.model = model if model is not None else from_pretrained(self.checkpoint, merge=merge, dtype=dtype,
+                                                                        base_llm=base_llm)
         self.detector = FaceDetector(detector=detector, chip_size=self.model.config.chip_size)
         self.lock = threading.RLock()
         self.load_seconds = time.perf_counter() - started

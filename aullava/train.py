@@ -55,6 +55,11 @@ class TrainConfig:
     tiny_llm: bool = False  # a tiny random LLM, for tests
     model: dict = field(default_factory=dict)  # AULlavaConfig overrides (aus, encoder, lora)
 
+    @property
+    def encoder_frozen(self) -> bool:
+        """Whether the encoder stays fixed during the LLM stages."""
+        return self.encoder_lr_scale <= 0
+
 
 def _cosine(step: int, total: int) -> float:
     warmup = min(20, max(1, total // 10))
@@ -162,7 +167,7 @@ class Trainer:
             model.add_lora()
         lr = c.projector_lr if stage == "projector" else c.lora_lr
         params = [{"params": list(model.projector.parameters()), "lr": lr}]
-        if c.encoder_lr_scale > 0:
+        if not c.encoder_frozen:
             params.append({"params": list(model.encoder.parameters()), "lr": lr * c.encoder_lr_scale})
         else:
             model.encoder.requires_grad_(False)
@@ -197,7 +202,7 @@ class Trainer:
             base_lrs = [g["lr"] for g in optimizer.param_groups]
             self.model.train()
             self.model.llm.eval()  # dropout off in the frozen LLM; LoRA dropout still applies in train mode
-            if stage != "encoder" and self.config.encoder_lr_scale <= 0:
+            if stage != "encoder" and self.config.encoder_frozen:
                 self.model.encoder.eval()  # frozen: batch-norm statistics stay those it was trained with
             if stage == "lora":
                 for module in self.model.llm.modules():
