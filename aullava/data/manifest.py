@@ -1,7 +1,9 @@
 """The manifest schema every dataset is turned into: one row per image with its FACS labels.
 
-Columns (ckplus48's): path, subject, sequence, frame, kind, emotion, aus, intensities. `aus` is the
-';'-separated set of present AUs; `intensities` 'AU:level' pairs (0 = present but intensity not coded).
+Columns (ckplus48's): path, subject, sequence, frame, kind, emotion, aus, intensities, and optionally
+unknown. `aus` is the ';'-separated set of present AUs; `intensities` 'AU:level' pairs (0 = present but
+intensity not coded); `unknown` the ';'-separated AUs whose label is unknown for that image (left out of the
+loss and of every metric; every other AU the dataset codes is known absent when not in `aus`).
 """
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRED_COLUMNS = ("path", "subject", "aus")
+COLUMNS = ("path", "subject", "sequence", "frame", "kind", "emotion", "aus", "intensities", "unknown")
 KINDS = ("peak", "near_peak", "neutral")
 
 
@@ -28,6 +31,7 @@ class Sample:
     emotion: str = ""
     aus: frozenset = frozenset()
     intensities: dict = field(default_factory=dict)  # AU -> 1..5 where coded
+    unknown: frozenset = frozenset()  # AUs whose label is unknown for this image
 
     @property
     def key(self) -> str:
@@ -72,12 +76,33 @@ def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
                 continue
             aus = _parse_aus(row.get("aus") or "", number)
             levels = {au: lv for au, lv in _parse_intensities(row.get("intensities", ""), number).items() if au in aus}
+            unknown = _parse_aus(row.get("unknown") or "", number) - aus
             samples.append(Sample(root / row["path"], row["subject"].strip(), (row.get("sequence") or "").strip(),
                                   (row.get("frame") or "").strip(), kind, (row.get("emotion") or "").strip(),
-                                  aus, levels))
+                                  aus, levels, unknown))
     if not samples:
         raise ManifestError(f"manifest {path} has no usable rows" + (f" of kind {', '.join(kinds)}" if kinds else ""))
     return samples
+
+
+def write_manifest(samples, path, images_root=None) -> Path:
+    """Write samples as a manifest CSV; image paths relative to images_root (default: the CSV's folder) when
+    they lie below it, absolute otherwise."""
+    path = Path(path)
+    root = Path(images_root or path.parent).resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, COLUMNS)
+        writer.writeheader()
+        for s in samples:
+            image = Path(s.path).resolve()
+            relative = image.relative_to(root) if image.is_relative_to(root) else image
+            writer.writerow({"path": relative.as_posix(), "subject": s.subject, "sequence": s.sequence,
+                             "frame": s.frame, "kind": s.kind, "emotion": s.emotion,
+                             "aus": ";".join(str(a) for a in sorted(s.aus)),
+                             "intensities": ";".join(f"{a}:{s.intensities.get(a, 0)}" for a in sorted(s.aus)),
+                             "unknown": ";".join(str(a) for a in sorted(s.unknown))})
+    return path
 
 
 def subject_folds(samples, folds: int, seed: int = 0) -> list[set[str]]:
