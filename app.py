@@ -179,9 +179,9 @@ def ask_pending(question, history, session=None, face=None):
         yield history, None
 
 
-def live(frame, state=None):
-    """One webcam frame in live mode: detect, let the model write the list answer, redraw. Returns (status,
-    text, chart, overlay, state); `state` counts the updates of this stream for the rate shown."""
+def live(frame, mode="readout", state=None):
+    """One webcam frame in live mode, largest face: the fast read-out of the model's binary answer or its written list
+    answer. Returns (status, text, chart, overlay, state); `state` counts this stream's updates for the rate."""
     if frame is None:
         return gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
     now = time.perf_counter()
@@ -192,17 +192,14 @@ def live(frame, state=None):
     rate = (state["count"] - 1) / (now - state["first"]) if state["count"] > 1 else 0.0
     prefix = f"Live update {state['count']} ({rate:.1f}/s)"
     try:
-        analyzer = logic.get_analyzer()
-        new = logic.analyse(analyzer, frame, logic.LIVE_FORMAT, None, max_side=logic.LIVE_MAX_SIDE)
+        what, text, bars, picture = logic.live_update(logic.get_analyzer(), frame, mode or "readout")
     except logic.FaceError as error:
         return f"{prefix}: {error}", gr.skip(), gr.skip(), gr.skip(), state
     except Exception as error:  # noqa: BLE001
         logger.exception("live frame failed")
         return f"{prefix}: {logic.error_sentence(error)}", gr.skip(), gr.skip(), gr.skip(), state
-    seconds = time.perf_counter() - now
-    status = (f"{prefix}: {len(new.faces)} face(s); the model's own generated answer "
-              f"({get_format(logic.LIVE_FORMAT).title}) for face 1 took {seconds:.2f} s.")
-    return status, logic.model_text(new, 0), logic.chart(new, 0), logic.overlay(new, 0), state
+    status = f"{prefix}: {what} for the largest face took {time.perf_counter() - now:.2f} s."
+    return status, text, bars, picture, state
 
 
 # ----- the page -----------------------------------------------------------------------------------------
@@ -250,9 +247,11 @@ def build() -> gr.Blocks:
                                     "are shown instead.", elem_classes=["aullava-note"])
             with gr.Tab("Live webcam"):
                 gr.Markdown(f"Streams webcam frames (one every {LIVE_INTERVAL} s at most; slow frames are "
-                            "skipped). Every update is the model's own generated answer in the "
-                            f"'{get_format(logic.LIVE_FORMAT).title}' format, for the largest face. "
-                            "Stop the webcam to stop.")
+                            "skipped) and shows the model's view of the largest face. The fast mode reads the "
+                            "model's answer probabilities in one forward pass (labelled as such, not a written "
+                            "answer); the slower mode lets it write the AU list. Stop the webcam to stop.")
+                live_mode = gr.Radio([(label, key) for key, label in logic.LIVE_MODES.items()], value="readout",
+                                     label="Live mode", elem_id="aullava-live-mode")
                 with gr.Row():
                     with gr.Column():
                         camera = gr.Image(label="Webcam", sources=["webcam"], streaming=True, type="numpy",
@@ -276,7 +275,7 @@ def build() -> gr.Blocks:
                    trigger_mode="always_last", **common)
         face.input(show_face, [face, session], outputs, api_visibility="private", concurrency_limit=None)
         question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
-        camera.stream(live, [camera, live_session], [live_status, live_text, live_bars, live_overlay, live_session],
+        camera.stream(live, [camera, live_mode, live_session], [live_status, live_text, live_bars, live_overlay, live_session],
                       stream_every=LIVE_INTERVAL, time_limit=600, concurrency_limit=1, concurrency_id="live",
                       api_visibility="private")
     page.queue(default_concurrency_limit=CONCURRENCY, max_size=100)

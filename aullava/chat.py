@@ -551,10 +551,9 @@ class LLMStreamer:
     def _adapter_off(self):
         import contextlib
 
-        llm = self.model.llm
-        if hasattr(llm, "disable_adapter") and hasattr(llm, "peft_config"):
-            return llm.disable_adapter()
-        return contextlib.nullcontext()  # no adapter (or merged into the weights): the LLM as it is
+        if hasattr(self.model, "adapter_disabled"):
+            return self.model.adapter_disabled()
+        return contextlib.nullcontext()  # a plain causal LM (tests): the LLM as it is
 
     def prompt_ids(self, system: str, messages: list):
         import torch

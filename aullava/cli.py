@@ -1,4 +1,4 @@
-"""`python -m aullava {analyze,evaluate,train,push}`."""
+"""`python -m aullava {analyze,evaluate,train,manifest,bench,push}`."""
 from __future__ import annotations
 
 import argparse
@@ -12,10 +12,19 @@ def _analyze(args) -> int:
     from .face import FaceError
     from .service import get_analyzer
 
+    from .batch import analyze_batch, expand_inputs
+
     fmt_lib.get_format(args.format)
+    images = expand_inputs(args.images)
+    if not images:
+        raise ValueError(f"no image files in {', '.join(args.images)}")
     analyzer = get_analyzer(args.checkpoint)
+    if args.csv or args.jsonl:
+        summary = analyze_batch(analyzer, images, args.format, args.csv, args.jsonl)
+        print(summary, file=sys.stderr)
+        return 1 if summary.failed else 0
     failed = 0
-    for image in args.images:
+    for image in map(str, images):
         try:
             outcome = analyzer.analyze(image, args.format)
         except FaceError as error:
@@ -49,7 +58,7 @@ def _evaluate(args) -> int:
     from .service import Analyzer
 
     analyzer = Analyzer(args.checkpoint)
-    kinds = tuple(args.kinds.split(",")) if args.kinds else ("peak", "neutral")
+    kinds = tuple(args.kinds.split(",")) if args.kinds else None
     subjects = args.subjects.split(",") if args.subjects else None
     report = evaluate(analyzer, args.manifest, args.images_root, tuple(args.formats), kinds, subjects)
     report["checkpoint"] = str(analyzer.checkpoint)
@@ -57,6 +66,10 @@ def _evaluate(args) -> int:
     for name, metrics in report["formats"].items():
         print(f"{name:>10}: macro F1 {metrics['macro_f1']}  parse failures {metrics['parse_failures']}  "
               f"{metrics['seconds_per_image']} s/image")
+    diagnostics = report.get("diagnostics", {})
+    for key, label in (("encoder_head", "encoder's own head (not an answer)"), ("readout", "fast read-out (live mode)")):
+        if key in diagnostics:
+            print(f"{label}: macro F1 {diagnostics[key]['macro_f1']}")
     print(f"detection rate {report['detection_rate']}; agreement {report['agreement'].get('all')}; written {args.out}")
     return 0
 
@@ -82,6 +95,33 @@ def _push(args) -> int:
     return 0
 
 
+def _manifest(args) -> int:
+    from .data.manifest import write_manifest
+    from .data.readers import READERS
+
+    options = {"frames": args.frames} if args.frames else {}
+    if args.frames and args.dataset != "disfa":
+        raise ValueError("--frames applies to DISFA only")
+    samples, problems = READERS[args.dataset](args.root, **options)
+    if not samples:
+        raise ValueError(f"no labelled image found in {args.root}" + (f"; first problem: {problems[0]}" if problems else ""))
+    path = write_manifest(samples, args.out, args.images_root)
+    unknown = sum(len(s.unknown) for s in samples)
+    print(f"{len(samples)} images of {len({s.subject for s in samples})} subjects written to {path} "
+          f"({unknown} unknown labels); {len(problems)} label rows without an image or readable value")
+    for problem in problems[:20]:
+        print(f"  {problem}", file=sys.stderr)
+    if len(problems) > 20:
+        print(f"  ... and {len(problems) - 20} more", file=sys.stderr)
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .formats import format_names
 
@@ -89,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     analyze = commands.add_parser("analyze", help="the AUs of every face in one or more images")
-    analyze.add_argument("images", nargs="+")
+    analyze.add_argument("images", nargs="+", help="image files and/or folders of images")
     analyze.add_argument("--format", default="list", choices=format_names())
     analyze.add_argument("--json", action="store_true", help="one JSON line per image")
+    analyze.add_argument("--csv", help="write OpenFace-style rows (one per face; failures as success=0) here")
+    analyze.add_argument("--jsonl", help="write the same rows as JSON lines here")
     analyze.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")
     analyze.set_defaults(run=_analyze)
 
@@ -100,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images-root")
     evaluate.add_argument("--checkpoint")
     evaluate.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names())
-    evaluate.add_argument("--kinds", help="rows to use, comma-separated (default peak,neutral)")
+    evaluate.add_argument("--kinds", help="rows to use, comma-separated (default: every row but near_peak)")
     evaluate.add_argument("--subjects", help="only these subjects, comma-separated")
     evaluate.add_argument("--out", required=True)
     evaluate.set_defaults(run=_evaluate)
@@ -120,6 +162,25 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tiny", action="store_true", help="a tiny random LLM (for tests)")
     train.add_argument("--no-resume", action="store_true")
     train.set_defaults(run=_train)
+
+    manifest = commands.add_parser("manifest", help="turn a dataset's release layout into a manifest CSV")
+    manifest.add_argument("--dataset", required=True, choices=["bp4d", "disfa", "feafa", "ckplus"])
+    manifest.add_argument("--root", required=True, help="the dataset's release folder")
+    manifest.add_argument("--frames", help="DISFA: folder of extracted frames, <frames>/<subject>/<frame>.jpg")
+    manifest.add_argument("--images-root", help="paths in the CSV relative to this (default: the CSV's folder)")
+    manifest.add_argument("--out", required=True)
+    manifest.set_defaults(run=_manifest)
+
+    bench = commands.add_parser("bench", help="time every stage of analysing a photo on this machine")
+    bench.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")
+    bench.add_argument("--image", help="a photo with one face (default: matplotlib's grace_hopper.jpg)")
+    bench.add_argument("--formats", nargs="+", default=["list", "binary", "json"], choices=format_names())
+    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--merge", action="store_true",
+                       help="merge LoRA into the weights (faster; the app keeps it switchable for chat)")
+    bench.add_argument("--no-scaling", action="store_true", help="skip the faces-per-image and image-size runs")
+    bench.add_argument("--out", help="write the figures as JSON")
+    bench.set_defaults(run=_bench)
 
     push = commands.add_parser("push", help="upload a checkpoint folder to the Hugging Face hub")
     push.add_argument("checkpoint")

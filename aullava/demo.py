@@ -40,13 +40,13 @@ def model_settings() -> dict:
     """Where the model comes from, from the environment (documented in README):
     AULLAVA_CHECKPOINT  folder or hub repo id of the AU-LLaVA checkpoint (default: the embedded one)
     AULLAVA_BASE_LLM    base LLM id or folder instead of the one the checkpoint names
-    AULLAVA_DTYPE       float32 (default: bfloat16 matmuls are several times slower on CPUs without bf16
-                        units) or bfloat16
+    AULLAVA_DTYPE       float32 or bfloat16 (default: llm.preferred_dtype(), bfloat16 only on CPUs with bf16
+                        units; elsewhere its matmuls run slower than float32)
     AULLAVA_THREADS     torch threads (default: the CPUs this process may use)"""
     from .service import default_checkpoint
 
     return {"checkpoint": default_checkpoint(), "base_llm": os.environ.get("AULLAVA_BASE_LLM") or None,
-            "dtype": os.environ.get("AULLAVA_DTYPE", "float32")}
+            "dtype": os.environ.get("AULLAVA_DTYPE") or None}
 
 
 def get_analyzer():
@@ -61,14 +61,14 @@ def get_analyzer():
             settings = model_settings()
             started = time.perf_counter()
             try:
-                _analyzer = Analyzer(settings["checkpoint"], dtype=getattr(torch, settings["dtype"]),
-                                     base_llm=settings["base_llm"])
+                dtype = getattr(torch, settings["dtype"]) if settings["dtype"] else None
+                _analyzer = Analyzer(settings["checkpoint"], dtype=dtype, base_llm=settings["base_llm"])
             except Exception as error:
                 _analyzer_error = f"{type(error).__name__}: {error}"
                 raise
             _analyzer_error = None
             logger.info("AU-LLaVA model %s loaded in %.1f s (%s)", settings["checkpoint"],
-                        time.perf_counter() - started, settings["dtype"])
+                        time.perf_counter() - started, _analyzer.model.llm_dtype)
         return _analyzer
 
 
@@ -138,18 +138,54 @@ def analyse(analyzer, image, format_name: str, session: Session | None = None,
         seconds["detect"] = 0.0
     else:
         started = time.perf_counter()
-        rgb, faces = analyzer.detect(image if max_side is None else _shrunk(image, max_side))
+        faces, display, scale, size = _detect(analyzer, image, max_side)
         seconds["detect"] = time.perf_counter() - started
-        size = (rgb.shape[1], rgb.shape[0])
-        scale = plots.display_scale(*size, max_side=DISPLAY_MAX_SIDE)
-        display = Image.fromarray(rgb)
-        if scale < 1:
-            display = display.resize((max(1, round(size[0] * scale)), max(1, round(size[1] * scale))),
-                                     Image.BILINEAR)
     started = time.perf_counter()
     results = analyzer.describe(faces, format_name)
     seconds["generate"] = time.perf_counter() - started
     return Session(key, display, scale, faces, format_name, results, seconds, size)
+
+
+def _detect(analyzer, image, max_side: int | None = None):
+    """(faces, display copy of the image, display scale, image size); FaceError with a sentence if none."""
+    rgb, faces = analyzer.detect(image if max_side is None else _shrunk(image, max_side))
+    size = (rgb.shape[1], rgb.shape[0])
+    scale = plots.display_scale(*size, max_side=DISPLAY_MAX_SIDE)
+    display = Image.fromarray(rgb)
+    if scale < 1:
+        display = display.resize((max(1, round(size[0] * scale)), max(1, round(size[1] * scale))), Image.BILINEAR)
+    return faces, display, scale, size
+
+
+# ----- live webcam ----------------------------------------------------------------------------------------
+LIVE_MODES = {"readout": "Fast: the model's binary answer read in a few forward passes",
+              "written": "Slower: the model writes its answer (AU list)"}
+LIVE_PASSES = 3  # forward passes of the fast read-out (parallel decoding of the binary answer)
+READOUT_LABEL = (f"Fast read-out of the model's binary answer (AU01:0/1 ...) in at most {LIVE_PASSES} forward "
+                 "passes, probability of 'present' per AU: ")
+CONVERGED = "converged, so these are exactly the decisions the model writes."
+NOT_CONVERGED = "did not converge, so a read-out of the model's probabilities, not its written answer."
+
+
+def live_update(analyzer, frame, mode: str = "readout") -> tuple[str, str, Image.Image, Image.Image]:
+    """One webcam frame, largest face -> (what was shown, text, chart, overlay). `mode` "readout" reads the
+    model's binary answer in a few forward passes (fast; says whether it converged to the written answer);
+    "written" lets it write the list answer. Raises FaceError with a sentence when there is no face."""
+    if mode not in LIVE_MODES:
+        raise ValueError(f"unknown live mode {mode!r}; choose one of {', '.join(LIVE_MODES)}")
+    if mode == "written":
+        session = analyse(analyzer, frame, LIVE_FORMAT, None, max_side=LIVE_MAX_SIDE)
+        what = f"the model's own written answer ({fmt_lib.get_format(LIVE_FORMAT).title})"
+        return what, model_text(session, 0), chart(session, 0), overlay(session, 0)
+    faces, display, scale, _ = _detect(analyzer, frame, LIVE_MAX_SIDE)
+    probabilities, converged = analyzer.read_presence(faces[:1], LIVE_PASSES)[0]
+    active = [a for a, p in probabilities.items() if p >= 0.5]
+    listed = ", ".join(f"{fmt_lib.au_code(a)} {probabilities[a]:.2f}" for a in active) or "no AU at p >= 0.5"
+    picture = plots.face_overlay(display, [_ScaledFace(f, scale) for f in faces], selected=0, active_aus=active,
+                                 max_side=DISPLAY_MAX_SIDE)
+    what = "the fast read-out of the model's binary answer" + ("" if converged else " (not converged)")
+    return (what, READOUT_LABEL + (CONVERGED if converged else NOT_CONVERGED) + "\n" + listed,
+            plots.probability_chart(probabilities, title="Face 1 - fast read-out of the binary answer"), picture)
 
 
 def _shrunk(image, max_side: int):

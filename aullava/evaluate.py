@@ -13,14 +13,16 @@ from .data.manifest import read_manifest
 from .face import FaceError, load_image
 
 MIN_POSITIVES = 10  # AUs with fewer positives are listed but left out of macro F1
-EVAL_KINDS = ("peak", "neutral")  # near_peak frames carry the peak's labels uncoded
+EVAL_KINDS = ("peak", "neutral")  # CK+'s coded frames; near_peak frames carry the peak's labels uncoded
 
 
-def presence_metrics(truth: np.ndarray, predicted: np.ndarray, aus) -> dict:
-    """truth/predicted [N, K] booleans -> per-AU precision, recall, F1, support and macro F1."""
+def presence_metrics(truth: np.ndarray, predicted: np.ndarray, aus, known: np.ndarray | None = None) -> dict:
+    """truth/predicted [N, K] booleans -> per-AU precision, recall, F1, support and macro F1; pairs whose label
+    is unknown (`known` False) are left out."""
     per_au = {}
     for k, au in enumerate(aus):
-        t, p = truth[:, k], predicted[:, k]
+        keep = slice(None) if known is None else known[:, k]
+        t, p = truth[keep, k], predicted[keep, k]
         tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
@@ -42,9 +44,14 @@ def intensity_metrics(truth: list, predicted: list) -> dict | None:
             "pearson_r": None if r is None or math.isnan(r) else round(r, 4)}
 
 
-def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), kinds=EVAL_KINDS,
-             subjects=None, batch_size: int = 16, progress: bool = True) -> dict:
+def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), kinds=None,
+             subjects=None, batch_size: int = 16, progress: bool = True, diagnostics: bool = True) -> dict:
+    """Metrics of the model's written answers per format. With `diagnostics`, also (labelled apart, never as
+    the model's answer) its encoder's own per-AU head and the fast read-out of the live mode: what the
+    features know, and how much of it the writing keeps."""
     samples = read_manifest(manifest, images_root, kinds=kinds)
+    if kinds is None:
+        samples = [s for s in samples if s.kind != "near_peak"]
     if subjects:
         samples = [s for s in samples if s.subject in set(subjects)]
     aus = analyzer.aus
@@ -60,6 +67,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
         detect_seconds += time.perf_counter() - started
     # Undetected images count as "no AU" predictions in the metrics: the tool gave no answer for them.
     truth = np.array([[a in s.aus for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
+    known = np.array([[a not in s.unknown for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
     index_of = {id(s): i for i, s in enumerate(samples)}
     report = {"images": len(samples), "faces_detected": len(detected),
               "detection_rate": round(len(detected) / len(samples), 4), "undetected": failures[:50],
@@ -86,7 +94,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
                         value = outcome.result.intensity.get(a)
                         levels_true.append(sample.intensities.get(a, 0))
                         levels_pred.append(value or 0.0)
-        metrics = presence_metrics(truth, predicted, aus)
+        metrics = presence_metrics(truth, predicted, aus, known)
         metrics.update({"parse_failures": len(parse_failures), "parse_failure_examples": parse_failures[:5],
                         "seconds_per_image": round((detect_seconds + gen_seconds) / max(1, len(samples)), 4),
                         "generate_seconds_per_face": round(gen_seconds / max(1, len(detected)), 4),
@@ -94,7 +102,35 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
         report["formats"][format_name] = metrics
         presence_by_format[format_name] = predicted
     report["agreement"] = format_agreement(presence_by_format)
+    if not known.all():
+        report["unknown_labels"] = int((~known).sum())
+    if diagnostics and detected:
+        report["diagnostics"] = _diagnostics(analyzer, faces, [index_of[id(s)] for s in detected], truth, known,
+                                             batch_size, presence_by_format.get("binary"))
     return report
+
+
+def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -> dict:
+    import torch
+
+    aus = analyzer.aus
+    head, readout, converged = np.zeros_like(truth), np.zeros_like(truth), 0
+    for start in range(0, len(faces), batch_size):
+        batch = faces[start:start + batch_size]
+        chip, landmarks = analyzer._tensors(batch)
+        with torch.no_grad(), analyzer.lock:
+            _, logits = analyzer.model.encoder(chip, landmarks)
+        read = analyzer.read_presence(batch)
+        for offset, row in enumerate(rows[start:start + batch_size]):
+            head[row] = (logits[offset] > 0).numpy()
+            readout[row] = [read[offset][0][a] >= 0.5 for a in aus]
+            converged += read[offset][1]
+    out = {"encoder_head": presence_metrics(truth, head, aus, known),
+           "readout": presence_metrics(truth, readout, aus, known),
+           "readout_converged": round(converged / max(1, len(faces)), 4)}
+    if binary is not None:
+        out["readout_agrees_with_binary"] = round(float((readout == binary).mean()), 4)
+    return out
 
 
 def format_agreement(presence_by_format: dict) -> dict:

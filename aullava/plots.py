@@ -64,7 +64,31 @@ def intensity_chart(result, title: str = "", carries_intensity: bool | None = No
     and bold, absent ones grey. When the result carries no intensity (presence-only formats), present AUs are
     drawn hatched at the nominal height NOMINAL_PRESENT and the title says so."""
     rows = chart_rows(result, carries_intensity)
-    presence_only = all(r["nominal"] for r in rows)
+    for r in rows:
+        r["text"] = "present" if r["nominal"] else f"{r['value']:.1f}"
+    heading = f"{title or 'Action Units'} ({sum(r['present'] for r in rows)} active of {len(rows)})"
+    if all(r["nominal"] for r in rows):
+        heading += (f"\npresence only (no intensity in this format): present AUs hatched at "
+                    f"nominal height {NOMINAL_PRESENT:g}")
+    return _bar_chart(rows, MAX_INTENSITY, list(range(MAX_INTENSITY + 1)),
+                      "FACS intensity (0 absent, 1 trace ... 5 maximum)", heading, dpi)
+
+
+def probability_chart(probabilities: dict, title: str = "", threshold: float = 0.5, dpi: int = 80) -> Image.Image:
+    """Bar chart of a probability per AU (the live mode's fast read-out) on a fixed 0-1 axis, in the same
+    face-region order and labels as `intensity_chart`; AUs at or above `threshold` are highlighted."""
+    rows = []
+    for a in facs.sort_by_region(list(probabilities)):
+        p = float(probabilities[a])
+        au = facs.AUS.get(a)
+        rows.append({"au": a, "label": facs.au_label(a), "region": au.region if au else "", "present": p >= threshold,
+                     "value": min(1.0, max(0.0, p)), "nominal": False, "text": f"{p:.2f}"})
+    heading = f"{title or 'Action Units'} ({sum(r['present'] for r in rows)} at p >= {threshold:g} of {len(rows)})"
+    return _bar_chart(rows, 1.0, [0, 0.25, 0.5, 0.75, 1.0], "probability of 'present' read from the model",
+                      heading, dpi, threshold=threshold)
+
+
+def _bar_chart(rows, xmax, xticks, xlabel: str, heading: str, dpi: int, threshold: float | None = None):
     height = 1.2 + 0.27 * len(rows)
     fig = Figure(figsize=(6.4, height), dpi=dpi)
     ax = fig.add_subplot()
@@ -76,8 +100,7 @@ def intensity_chart(result, title: str = "", carries_intensity: bool | None = No
         if r["nominal"] and r["present"]:
             bar.set_hatch("///")
         if r["present"] or r["value"] > 0:
-            text = "present" if r["nominal"] else f"{r['value']:.1f}"
-            ax.text(r["value"] + 0.06, bar.get_y() + bar.get_height() / 2, text, va="center",
+            ax.text(r["value"] + 0.012 * xmax, bar.get_y() + bar.get_height() / 2, r["text"], va="center",
                     fontsize=8, color="#222" if r["present"] else "#666")
     ax.set_yticks(y)
     ax.set_yticklabels([r["label"] for r in rows], fontsize=8.5)
@@ -90,23 +113,19 @@ def intensity_chart(result, title: str = "", carries_intensity: bool | None = No
         if r["region"] != previous:
             if index:
                 ax.axhline(index - 0.5, color="#ddd", linewidth=0.8)
-            ax.text(MAX_INTENSITY - 0.05, index - 0.42, r["region"], ha="right", va="top",
+            ax.text(xmax * 0.99, index - 0.42, r["region"], ha="right", va="top",
                     fontsize=7, color="#999", style="italic")
             previous = r["region"]
+    if threshold is not None:
+        ax.axvline(threshold, color="#888", linewidth=0.8, linestyle="--")
     ax.set_ylim(len(rows) - 0.5, -0.5)  # top of the face at the top
-    ax.set_xlim(0, MAX_INTENSITY)
-    ax.set_xticks(range(MAX_INTENSITY + 1))
-    ax.set_xlabel("FACS intensity (0 absent, 1 trace ... 5 maximum)", fontsize=8)
+    ax.set_xlim(0, xmax)
+    ax.set_xticks(xticks)
+    ax.set_xlabel(xlabel, fontsize=8)
     ax.grid(axis="x", color="#eee")
     ax.set_axisbelow(True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
-    active = sum(r["present"] for r in rows)
-    heading = title or "Action Units"
-    heading += f" ({active} active of {len(rows)})"
-    if presence_only:
-        heading += (f"\npresence only (no intensity in this format): present AUs hatched at "
-                    f"nominal height {NOMINAL_PRESENT:g}")
     fig.suptitle(heading, x=0.02, y=1 - 0.08 / height, ha="left", va="top", fontsize=9)
     fig.subplots_adjust(left=0.40, right=0.97, top=1 - 0.75 / height, bottom=0.55 / height)
     return _figure_to_image(fig)

@@ -56,6 +56,7 @@ class Analyzer:
         self.checkpoint = checkpoint or default_checkpoint()
         self.model = model if model is not None else from_pretrained(self.checkpoint, merge=merge, dtype=dtype,
                                                                         base_llm=base_llm)
+        self.model.merge_lora()  # faster answers; chat still gets the base LLM through adapter_disabled()
         self.detector = FaceDetector(detector=detector, chip_size=self.model.config.chip_size)
         self.lock = threading.RLock()
         self.load_seconds = time.perf_counter() - started
@@ -71,9 +72,7 @@ class Analyzer:
     def describe(self, faces: list[Face], format_name: str) -> list[FaceResult]:
         """The model's answer for already detected faces, parsed by the format."""
         fmt = fmt_lib.get_format(format_name)
-        tensors = [face_tensors(f.chip, f.chip_landmarks) for f in faces]
-        chip = torch.stack([t[0] for t in tensors])
-        landmarks = torch.stack([t[1] for t in tensors])
+        chip, landmarks = self._tensors(faces)
         with self.lock:
             generations = self.model.generate(chip, landmarks, format_name)
         results = []
@@ -85,6 +84,20 @@ class Analyzer:
             results.append(FaceResult(face, format_name, generation.text, parsed, error,
                                       [round(d.probability, 4) for d in generation.decisions]))
         return results
+
+    def read_presence(self, faces: list[Face], passes: int = 3) -> list[tuple[dict[int, float], bool]]:
+        """Per face, the probability the model gives each AU being present in its binary answer, read in a few
+        forward passes (AULlava.read_presence), and whether that read-out converged to the written answer."""
+        chip, landmarks = self._tensors(faces)
+        with self.lock:
+            presence, converged = self.model.read_presence(chip, landmarks, passes)
+        return [({a: round(float(p), 4) for a, p in zip(self.aus, row)}, bool(done))
+                for row, done in zip(presence, converged)]
+
+    @staticmethod
+    def _tensors(faces: list[Face]):
+        tensors = [face_tensors(f.chip, f.chip_landmarks) for f in faces]
+        return torch.stack([t[0] for t in tensors]), torch.stack([t[1] for t in tensors])
 
     def analyze(self, image, format_name: str = "list", max_faces: int | None = None) -> ImageResult:
         seconds = {}

@@ -25,7 +25,7 @@ from .data.manifest import default_intensities, read_manifest
 from .model import AULlava, AULlavaConfig, save_pretrained
 
 # How often each format is drawn for a training batch.
-FORMAT_WEIGHTS = {"list": 4, "binary": 2, "intensity": 1, "continuous": 1, "json": 2, "sentence": 1}
+FORMAT_WEIGHTS = {"list": 4, "binary": 3, "intensity": 2, "continuous": 1, "json": 2, "sentence": 1}
 STAGES = ("encoder", "projector", "lora")
 
 
@@ -46,6 +46,7 @@ class TrainConfig:
     projector_lr: float = 1e-3
     lora_lr: float = 5e-4
     aux_weight: float = 1.0
+    decisive_loss: bool = True  # answer loss on the tokens the plan-guided decoder chooses, not on forced text
     # Encoder learning rate during the LLM stages, relative to theirs. 0 freezes it: at 0.2 the LLM's gradient
     # pulled the encoder's held-out macro F1 from 0.76 to 0.71 in the first CK+ run.
     encoder_lr_scale: float = 0.0
@@ -102,10 +103,17 @@ class Trainer:
         if config.held_out_subjects:
             samples = [s for s in samples if s.subject not in set(config.held_out_subjects)]
         self.table = prepare_faces(samples)
+        if len(self.table) == 0:
+            raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
         self.aus = model_config.aus
         self.labels = _labels(self.table, self.aus)
+        self.known = torch.tensor([[float(a not in s.unknown) for a in self.aus] for s in self.table.samples])
+        # Answers state every asked AU, so they are taught only from images whose asked AUs are all known.
+        self.answerable = np.flatnonzero(self.known.min(1).values.numpy() > 0)
+        if len(self.answerable) == 0:
+            raise ValueError("no training image has all of the model's AUs labelled; cannot teach answers")
         self.default_levels = default_intensities(self.table.samples, self.aus)
-        positives = self.labels.sum(0)
+        positives = (self.labels * self.known).sum(0)
         self.pos_weight = ((len(self.labels) - positives) / positives.clamp(min=1)).sqrt().clamp(max=4.0)
         self.log(f"{len(self.table)} training faces from {len({s.subject for s in self.table.samples})} subjects "
                  f"({int(self.table.fallback.sum())} by whole-crop fallback)")
@@ -135,7 +143,10 @@ class Trainer:
 
     # ----- one step ----------------------------------------------------------------------------------
     def _aux_loss(self, logits, indices):
-        return F.binary_cross_entropy_with_logits(logits.float(), self.labels[indices], pos_weight=self.pos_weight)
+        known = self.known[indices]
+        losses = F.binary_cross_entropy_with_logits(logits.float(), self.labels[indices], pos_weight=self.pos_weight,
+                                                    reduction="none")
+        return (losses * known).sum() / known.sum().clamp(min=1)
 
     def _encoder_step(self, rng, batch_size):
         indices = rng.choice(len(self.table), size=batch_size, replace=True)
@@ -148,11 +159,15 @@ class Trainer:
         names = [f for f in self.config.formats]
         weights = np.array([FORMAT_WEIGHTS.get(f, 1) for f in names], dtype=float)
         format_name = names[rng.choice(len(names), p=weights / weights.sum())]
-        indices = rng.choice(len(self.table), size=batch_size, replace=True)
+        indices = self.answerable[rng.choice(len(self.answerable), size=batch_size, replace=True)]
         chip, landmarks = face_batch(self.table, indices, self.model.config.chip_size, rng)
-        answers = [self.model.answer_ids(format_name, self.result_for(self.table.samples[i])) for i in indices]
+        targets = [self.model.answer_targets(format_name, self.result_for(self.table.samples[i])) for i in indices]
+        answers = [ids for ids, _ in targets]
+        # Only the decoder's choices carry a loss, each among its alternatives: forced text is fed at inference,
+        # never predicted, and in the vector formats it outnumbers the decisions 4 to 1, diluting their gradient.
+        choices = [alternatives for _, alternatives in targets] if self.config.decisive_loss else None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.model.llm_dtype == torch.bfloat16):
-            lm_loss, logits = self.model.answer_loss(chip, landmarks, format_name, answers)
+            lm_loss, logits = self.model.answer_loss(chip, landmarks, format_name, answers, choices=choices)
         aux = self._aux_loss(logits, indices)
         return lm_loss + self.config.aux_weight * aux, {"lm": lm_loss.item(), "aux": aux.item(), "format": format_name}
 

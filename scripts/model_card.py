@@ -1,6 +1,7 @@
-"""Writes the model card of a checkpoint from its training provenance and an `evaluate` report.
+"""Writes the model card of a checkpoint from its training provenance, an `evaluate` report and, optionally,
+the encoder's k-fold cross-validation (scripts/encoder_cv.py).
 
-    python scripts/model_card.py CHECKPOINT_DIR metrics.json
+    python scripts/model_card.py CHECKPOINT_DIR metrics.json [cv.json]
 """
 import json
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 checkpoint, metrics_path = Path(sys.argv[1]), Path(sys.argv[2])
 config = json.loads((checkpoint / "aullava_config.json").read_text())
 report = json.loads(metrics_path.read_text())
+cv = json.loads(Path(sys.argv[3]).read_text()) if len(sys.argv) > 3 else None
 training = config.get("training", {})
 train_config = training.get("train_config", {})
 held_out = train_config.get("held_out_subjects", [])
@@ -54,6 +56,32 @@ for au in report["formats"][names[0]]["per_au"]:
     support = report["formats"][names[0]]["per_au"][au]["support"]
     lines.append(f"| {au} ({support}) | " + " | ".join(cells) + " |")
 lines += ["", f"Presence agreement between formats (share of image x AU pairs): {json.dumps(report['agreement'])}", ""]
+diagnostics = report.get("diagnostics")
+if diagnostics:
+    lines += ["Not the model's answer, for comparison on the same faces: the encoder's own per-AU head (what the "
+              f"visual features know) macro F1 {diagnostics['encoder_head']['macro_f1']}; the live mode's fast "
+              f"read-out (parallel decoding of the binary answer, at most 3 passes; converged on "
+              f"{diagnostics.get('readout_converged')} of faces) {diagnostics['readout']['macro_f1']}, "
+              f"agreeing with the written binary answer on {diagnostics.get('readout_agrees_with_binary')} of "
+              "image x AU pairs.", ""]
+if cv:
+    folds = len(cv["folds"])
+    lines += [f"## {folds}-fold subject-exclusive cross-validation (encoder)",
+              f"All {sum(len(f['held_out']) for f in cv['folds'])} subjects of ckplus48 dealt into {folds} folds "
+              f"(seed {cv['seed']}); per fold the encoder was trained as stage 0 of `train` ({cv['steps']} steps) "
+              "on the other folds and its per-AU head scored on the fold's peak + neutral frames. This is the "
+              "encoder's head, not the LLM's written answer: the full pipeline was trained and scored on fold 0 "
+              "only (above), where the written answers can be compared with the head on the same faces. "
+              f"Macro F1 (AUs with >= {cv['min_positives']} positives): mean over folds "
+              f"{cv['macro_f1_mean_over_folds']} (per fold "
+              + ", ".join(str(f["macro_f1"]) for f in cv["folds"]) + "); pooled over every fold's images "
+              f"{cv['macro_f1_pooled']}, which is not comparable: pooled, rare AUs (AU10, AU16, AU26...) pass the "
+              f"{cv['min_positives']}-positive bar that no single fold gives them, and they are poorly detected.", "",
+              "| AU | mean F1 over folds | pooled F1 | positives |", "|---|---|---|---|"]
+    for au, v in cv["per_au"].items():
+        lines.append(f"| {au} | {v['mean_f1']} | {v['pooled_f1']} | {v['support']} |")
+    lines += ["", "Reproduce: `python scripts/encoder_cv.py --manifest ../shared/data/ckplus48/manifest.csv "
+              f"--folds {folds} --steps {cv['steps']} --out cv.json`", ""]
 intensity = {n: m["intensity"] for n, m in report["formats"].items() if m.get("intensity")}
 if intensity:
     lines += [f"Intensity on coded labels: {json.dumps(intensity)}", ""]
@@ -69,4 +97,6 @@ lines += ["## Retrain", "```bash",
           "```", ""]
 (checkpoint / "README.md").write_text("\n".join(lines))
 (checkpoint / "metrics.json").write_text(json.dumps(report, indent=2))
+if cv:
+    (checkpoint / "cv.json").write_text(json.dumps(cv, indent=2))
 print(f"wrote {checkpoint / 'README.md'}")

@@ -377,8 +377,9 @@ def test_view_helpers():
     assert sentence == '"notes.jpg" is not an image.'
 
 
-def test_live_frames_use_the_model_list_answer(monkeypatch):
-    """app.live wiring with a stand-in analyser: status, text, chart and overlay of the largest face."""
+def test_live_frames_show_the_read_out_or_the_written_answer(monkeypatch):
+    """app.live wiring with a stand-in analyser: status, text, chart and overlay of the largest face, in the
+    fast read-out mode (labelled as such) and in the written-answer mode."""
     import app
     from aullava import demo
     from aullava.face import NoFaceError
@@ -399,12 +400,21 @@ def test_live_frames_use_the_model_list_answer(monkeypatch):
             result = AUResult.from_active((1, 6, 12), [6, 12])
             return [FaceResult(faces[0], format_name, "AU06, AU12", result, None, [0.9, 0.8, 0.7])]
 
+        def read_presence(self, faces, passes):
+            calls.append(("read_presence", len(faces)))
+            return [({1: 0.1, 6: 0.62, 12: 0.97}, True)]
+
     monkeypatch.setattr(demo, "get_analyzer", lambda: Stub())
     frame = np.full((960, 1280, 3), 120, dtype=np.uint8)
-    status, text, chart, overlay, state = app.live(frame, None)
-    assert status.startswith("Live update 1 (0.0/s): 1 face(s); the model's own generated answer")
+    status, text, chart, overlay, state = app.live(frame, "readout", None)
+    assert status.startswith("Live update 1 (0.0/s): the fast read-out of the model's binary answer for")
+    assert text == demo.READOUT_LABEL + demo.CONVERGED + "\nAU06 0.62, AU12 0.97"
+    assert chart.size[0] > 200 and overlay.size[0] > 100
+    assert calls == [("detect", (480, 640, 3)), ("read_presence", 1)]
+    status, text, chart, overlay, state = app.live(frame, "written", state)
+    assert status.startswith("Live update 2 (") and "the model's own written answer (List of active AUs)" in status
     assert text == "AU06, AU12" and chart.size[0] > 200 and overlay.size[0] > 100
-    assert calls[0] == ("detect", (480, 640, 3)) and calls[1] == ("describe", demo.LIVE_FORMAT)
-    status, *rest = app.live(np.zeros((240, 320, 3), dtype=np.uint8), state)
-    assert status.startswith("Live update 2 (") and status.endswith("No face was found in the image.")
-    assert rest[-1]["count"] == 2
+    assert calls[-1] == ("describe", demo.LIVE_FORMAT)
+    status, *rest = app.live(np.zeros((240, 320, 3), dtype=np.uint8), "readout", state)
+    assert status.startswith("Live update 3 (") and status.endswith("No face was found in the image.")
+    assert rest[-1]["count"] == 3

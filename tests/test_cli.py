@@ -27,3 +27,34 @@ def test_analyze_reports_every_face_and_keeps_going_past_bad_files(capsys, tmp_p
     x0, y0, x1, y1 = face["box"]
     assert 0 <= x0 < x1 <= 572 and 0 <= y0 < y1 <= 562
     assert "not an image" in err and "No face was found" in err
+
+
+@needs(SMOKE)
+def test_analyze_a_folder_to_openface_style_csv_keeps_every_image(capsys, tmp_path):
+    import shutil
+
+    import pandas as pd
+
+    from aullava.cli import main
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(SMOKE / "single_face.jpg", folder / "a_face.jpg")
+    shutil.copy(SMOKE / "free-mountain-vector-01.jpg", folder / "b_mountain.jpg")
+    (folder / "c_notes.jpg").write_text("this is a text file")
+    (folder / "readme.txt").write_text("not an image suffix: skipped")
+    out, lines = tmp_path / "aus.csv", tmp_path / "aus.jsonl"
+    code = main(["analyze", str(folder), "--format", "intensity", "--csv", str(out), "--jsonl", str(lines)])
+    err = capsys.readouterr().err
+    assert code == 1  # two images gave no result; the summary says which
+    table = pd.read_csv(out)
+    assert list(table["file"].map(lambda p: p.split("/")[-1])) == ["a_face.jpg", "b_mountain.jpg", "c_notes.jpg"]
+    assert list(table["success"]) == [1, 0, 0] and list(table["frame"]) == [1, 2, 3]
+    assert "No face" in table["reason"][1] and "not an image" in table["reason"][2]
+    for column in ("face_id", "timestamp", "confidence", "AU01_r", "AU12_r", "AU27_r", "AU01_c", "AU12_c", "AU27_c"):
+        assert column in table.columns
+    face = table.iloc[0]
+    assert face["AU12_c"] in (0, 1) and 0 <= face["AU12_r"] <= 5
+    assert (face["AU12_c"] == 1) == (face["AU12_r"] > 0)
+    assert len(lines.read_text().splitlines()) == 3
+    assert "3 image(s), 1 face(s) analysed, 2 image(s) without a result" in err

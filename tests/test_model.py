@@ -95,3 +95,56 @@ def test_missing_or_corrupt_checkpoint_gives_a_clear_error(tmp_path):
     (tmp_path / "bad" / "aullava_config.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         from_pretrained(tmp_path / "bad")
+
+
+def test_presence_read_out_converges_to_the_written_binary_answer(tiny_model):
+    # Jacobi passes: a fixed point is exactly the answer the decoder writes digit by digit, same probabilities.
+    chip, landmarks = _faces(3, seed=2)
+    presence, converged = tiny_model.read_presence(chip, landmarks, passes=len(AUS) + 1)
+    assert presence.shape == (3, len(AUS)) and bool(converged.all())
+    for row, generation in enumerate(tiny_model.generate(chip, landmarks, "binary")):
+        for index, decision in enumerate(generation.decisions):
+            p_one = decision.probability if decision.chosen == "1" else 1 - decision.probability
+            assert presence[row, index].item() == pytest.approx(p_one, abs=1e-4)
+
+
+def test_one_pass_read_out_is_exact_up_to_the_first_present_au(tiny_model):
+    chip, landmarks = _faces(3, seed=3)
+    presence, _ = tiny_model.read_presence(chip, landmarks, passes=1)
+    for row, generation in enumerate(tiny_model.generate(chip, landmarks, "binary")):
+        for index, decision in enumerate(generation.decisions):
+            p_one = decision.probability if decision.chosen == "1" else 1 - decision.probability
+            assert presence[row, index].item() == pytest.approx(p_one, abs=1e-4)
+            if decision.chosen == "1":
+                break
+
+
+def test_adapter_disabled_runs_the_base_llm_and_restores_the_adapter(tiny_model):
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        with_adapter = tiny_model.llm(input_ids=ids).logits
+        with tiny_model.adapter_disabled():
+            base = tiny_model.llm(input_ids=ids).logits
+        again = tiny_model.llm(input_ids=ids).logits
+    assert not torch.allclose(with_adapter, base)
+    assert torch.equal(with_adapter, again)
+
+
+def test_merged_lora_gives_the_same_answers_and_still_switches_off(tiny_model, tmp_path):
+    from aullava.llm import tiny_llm
+
+    llm, tokenizer = tiny_llm(seed=0)
+    merged = from_pretrained(save_pretrained(tiny_model, tmp_path / "ckpt"), llm=llm, tokenizer=tokenizer)
+    merged.merge_lora()
+    assert merged.lora_merged and not tiny_model.lora_merged
+    chip, landmarks = _faces(2, seed=4)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert torch.allclose(merged.llm(input_ids=ids).logits, tiny_model.llm(input_ids=ids).logits, atol=1e-4)
+        with merged.adapter_disabled(), tiny_model.adapter_disabled():
+            assert not merged.lora_merged
+            assert torch.allclose(merged.llm(input_ids=ids).logits, tiny_model.llm(input_ids=ids).logits, atol=1e-4)
+        assert merged.lora_merged
+    for name in ("list", "binary"):
+        assert [g.text for g in merged.generate(chip, landmarks, name)] == \
+               [g.text for g in tiny_model.generate(chip, landmarks, name)]

@@ -3,6 +3,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from aullava.train import Trainer, TrainConfig
 
@@ -22,7 +23,8 @@ def _config(manifest, out, **overrides):
 @pytest.fixture(scope="module")
 def trained(tiny_manifest, tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    trainer = Trainer(_config(tiny_manifest, out))
+    # one format, so the answer loss compares like with like across steps (decisions differ per format)
+    trainer = Trainer(_config(tiny_manifest, out, formats=("binary",)))
     path = trainer.run()
     return trainer, path
 
@@ -70,3 +72,48 @@ def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
         for values in metrics["per_au"].values():
             assert 0.0 <= values["f1"] <= 1.0
     assert 0.0 <= report["agreement"]["all"] <= 1.0
+    diagnostics = report["diagnostics"]
+    for key in ("encoder_head", "readout"):
+        assert set(diagnostics[key]["per_au"]) == {f"AU{a}" for a in TINY_MODEL["aus"]}
+    assert 0.0 <= diagnostics["readout_agrees_with_binary"] <= 1.0
+
+
+def test_bench_times_every_stage_and_finds_every_face(trained, tmp_path):
+    from aullava import bench
+
+    _, path = trained
+    report = bench.run(str(path), formats=("list", "binary"), repeats=1, log=lambda *_: None)
+    stages = report["stages"]
+    for key in ("decode", "detect", "landmarks", "align", "encode", "read_presence", "generate_list",
+                "generate_binary", "parse_list", "chart"):
+        assert stages[key] > 0, key
+    assert stages["tokens_binary"] > stages["tokens_list"] >= 2
+    assert {k: v["faces_found"] for k, v in report["faces_per_image"].items()} == {"1": 1, "5": 5, "10": 10}
+    assert all(v["faces_found"] == 1 for v in report["image_size"].values())
+    assert report["peak_rss_mb"] > 0 and "generate_list" in bench.format_report(report)
+
+
+def test_unknown_labels_are_masked_from_the_losses_and_the_metrics(tiny_manifest, tmp_path):
+    import csv
+
+    from aullava.evaluate import presence_metrics
+
+    rows = list(csv.DictReader(tiny_manifest.open()))
+    rows[0]["unknown"] = "4;6"  # face0: AU4 and AU6 not coded
+    manifest = tmp_path / "manifest.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    trainer = Trainer(_config(manifest, tmp_path / "run", images_root=str(tiny_manifest.parent)))
+    row = [s.path.name for s in trainer.table.samples].index("face0.png")
+    assert row not in set(trainer.answerable.tolist()) and len(trainer.answerable) == 5
+    aus = list(trainer.aus)
+    assert trainer.known[row].tolist() == [0.0 if a in (4, 6) else 1.0 for a in aus]
+    logits = torch.zeros(1, len(aus))
+    wild = logits.clone()
+    wild[0, aus.index(4)] = wild[0, aus.index(6)] = 50.0  # a confident answer on the unknown AUs changes nothing
+    assert trainer._aux_loss(wild, [row]).item() == pytest.approx(trainer._aux_loss(logits, [row]).item())
+    truth = np.array([[True], [False]])
+    predicted = np.array([[False], [False]])
+    assert presence_metrics(truth, predicted, [4], np.array([[False], [True]]))["per_au"]["AU4"]["support"] == 0
