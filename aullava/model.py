@@ -109,6 +109,11 @@ class AULlava(nn.Module):
         return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's weights are (tensors made during a forward pass are put there too)."""
+        return self.projector.weight.device
+
+    @property
     def llm_dtype(self) -> torch.dtype:
         return self._causal_lm().get_input_embeddings().weight.dtype
 
@@ -183,7 +188,7 @@ class AULlava(nn.Module):
         if reuse and format_name in self._prefix_cache:
             return self._prefix_cache[format_name]
         before, after = self.prompt_parts(format_name)
-        prefix_ids = torch.tensor([self.encode(before)])
+        prefix_ids = torch.tensor([self.encode(before)], device=self.device)
         with torch.no_grad():
             out = self._causal_lm().get_decoder()(input_ids=prefix_ids, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
@@ -221,15 +226,16 @@ class AULlava(nn.Module):
             ids[row, : len(suffix)] = torch.tensor(suffix)
             ids[row, len(suffix): len(suffix) + len(answer)] = torch.tensor(answer)
             mask[row, prefix_len + image.shape[1] + len(suffix): prefix_len + image.shape[1] + len(suffix) + len(answer)] = 1
+        ids, mask = ids.to(image.device), mask.to(image.device)
         token_embeds = self._causal_lm().get_input_embeddings()(ids)
         embeds = torch.cat([image.to(token_embeds.dtype), token_embeds], dim=1)
-        positions = torch.arange(prefix_len, prefix_len + embeds.shape[1]).unsqueeze(0).expand(batch, -1)
+        positions = torch.arange(prefix_len, prefix_len + embeds.shape[1], device=embeds.device).unsqueeze(0).expand(batch, -1)
         hidden = self._decode(embeds, mask, positions, self._expanded_cache(kv, batch))
         # position t predicts token t+1: the answer's tokens are predicted from the position before each
         return hidden, image.shape[1] + len(suffix) - 1, au_logits
 
     def answer_loss(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool = False,
-                    choices: list[list[tuple | None]] | None = None):
+                    choices: list[list[tuple | None]] | None = None, reduction: str = "mean"):
         """Cross-entropy of the answers (teacher forcing) and the encoder's per-AU logits.
 
         Without `choices`: every answer token over the whole vocabulary. With `choices` (per answer token the
@@ -237,6 +243,8 @@ class AULlava(nn.Module):
         alternatives, which is the decision the plan-guided decoder makes; tokens after the last choice are not
         even fed. The prefix cache is computed without gradient (exact while the LLM is frozen; with LoRA it
         skips the adapter's gradient through the fixed instruction only). The LM head runs at those positions only.
+        `reduction="sum"` returns the sum over the scored tokens (`scored_tokens` counts them), so that
+        processes holding slices of one batch can divide by the whole batch's count.
         """
         if choices is not None:
             last = [max([i + 1 for i, c in enumerate(cs) if c is not None], default=0) for cs in choices]
@@ -250,15 +258,16 @@ class AULlava(nn.Module):
                     cols.append(start + i)
                     targets.append(token)
                     alternatives.append(None if choices is None else choices[row][i])
+        device = hidden.device
         logits = self._causal_lm().get_output_embeddings()(hidden[rows, cols]).float()
         if choices is None:
-            return F.cross_entropy(logits, torch.tensor(targets)), au_logits
+            return F.cross_entropy(logits, torch.tensor(targets, device=device), reduction=reduction), au_logits
         width = max(len(alt) for alt in alternatives)
-        index = torch.tensor([list(alt) + [alt[0]] * (width - len(alt)) for alt in alternatives])
-        valid = torch.tensor([[j < len(alt) for j in range(width)] for alt in alternatives])
+        index = torch.tensor([list(alt) + [alt[0]] * (width - len(alt)) for alt in alternatives], device=device)
+        valid = torch.tensor([[j < len(alt) for j in range(width)] for alt in alternatives], device=device)
         option_logits = logits.gather(1, index).masked_fill(~valid, float("-inf"))
-        target_index = torch.tensor([alt.index(t) for alt, t in zip(alternatives, targets)])
-        return F.cross_entropy(option_logits, target_index), au_logits
+        target_index = torch.tensor([alt.index(t) for alt, t in zip(alternatives, targets)], device=device)
+        return F.cross_entropy(option_logits, target_index, reduction=reduction), au_logits
 
     @torch.no_grad()
     def read_presence(self, chip, landmarks, passes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -351,15 +360,15 @@ class AULlava(nn.Module):
     def _generate(self, chip, landmarks, format_name):
         fmt = fmt_lib.get_format(format_name)
         prefix_len, kv, suffix = self._prefix(format_name)
-        batch = chip.shape[0]
-        image, _ = self.image_embeddings(chip.float(), landmarks.float())
+        batch, device = chip.shape[0], self.device
+        image, _ = self.image_embeddings(chip.to(device, torch.float32), landmarks.to(device, torch.float32))
         embed = self._causal_lm().get_input_embeddings()
-        suffix_embeds = embed(torch.tensor(suffix)).unsqueeze(0).expand(batch, -1, -1)
+        suffix_embeds = embed(torch.tensor(suffix, device=device)).unsqueeze(0).expand(batch, -1, -1)
         embeds = torch.cat([image.to(suffix_embeds.dtype), suffix_embeds], dim=1)
         cache = self._expanded_cache(kv, batch)
-        mask = torch.ones(batch, prefix_len + embeds.shape[1], dtype=torch.long)
-        positions = torch.arange(prefix_len, mask.shape[1]).unsqueeze(0).expand(batch, -1)
-        next_position = torch.full((batch,), mask.shape[1], dtype=torch.long)
+        mask = torch.ones(batch, prefix_len + embeds.shape[1], dtype=torch.long, device=device)
+        positions = torch.arange(prefix_len, mask.shape[1], device=device).unsqueeze(0).expand(batch, -1)
+        next_position = torch.full((batch,), mask.shape[1], dtype=torch.long, device=device)
         hidden = self._decode(embeds, mask, positions, cache)
         last_logits = self._causal_lm().get_output_embeddings()(hidden[:, -1]).float()
 
@@ -381,12 +390,13 @@ class AULlava(nn.Module):
                 n = len(row.pending)
                 ids[index, :n] = torch.tensor(row.pending)
                 new_mask[index, :n] = 1
-            positions = next_position.unsqueeze(1) + torch.arange(width).unsqueeze(0)
+            ids, new_mask = ids.to(device), new_mask.to(device)
+            positions = next_position.unsqueeze(1) + torch.arange(width, device=device).unsqueeze(0)
             mask = torch.cat([mask, new_mask], dim=1)
             hidden = self._decode(embed(ids), mask, positions, cache)
             last = (new_mask.sum(1) - 1).clamp(min=0)
             fed = new_mask.sum(1) > 0
-            logits = self._causal_lm().get_output_embeddings()(hidden[torch.arange(batch), last]).float()
+            logits = self._causal_lm().get_output_embeddings()(hidden[torch.arange(batch, device=device), last]).float()
             last_logits = torch.where(fed.unsqueeze(1), logits, last_logits)
             next_position = next_position + new_mask.sum(1)
             for row in rows:
