@@ -48,6 +48,13 @@ class BatchSummary:
         text = f"{self.images} image(s), {self.faces} face(s) analysed, {len(self.failed)} image(s) without a result"
         return text + "".join(f"\n  {name}: {reason}" for name, reason in self.failed[:20])
 
+    def add(self, path, rows: list[dict]):
+        """Count one input's rows (from `rows_for`)."""
+        self.images += 1
+        self.faces += sum(1 for r in rows if r["face_id"] != "")
+        if rows[0]["face_id"] == "":
+            self.failed.append((str(path), rows[0]["reason"]))
+
 
 def rows_for(analyzer, path: Path, frame: int, format_name: str) -> list[dict]:
     """The CSV rows of one image: one per face, or one failure row."""
@@ -103,3 +110,29 @@ def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jso
             if handle:
                 handle.close()
     return summary
+
+
+class RowWriter:
+    """Writes rows to a CSV (the columns of `csv_columns`) and/or JSON lines, flushing after each input."""
+
+    def __init__(self, aus, csv_path=None, jsonl_path=None):
+        self.csv_file = open(csv_path, "w", newline="") if csv_path else None
+        self.json_file = open(jsonl_path, "w") if jsonl_path else None
+        self.writer = csv.DictWriter(self.csv_file, csv_columns(aus), restval="") if self.csv_file else None
+        if self.writer:
+            self.writer.writeheader()
+
+    def write(self, rows: list[dict]):
+        for row in rows:
+            if self.writer:
+                self.writer.writerow(row)
+            if self.json_file:
+                self.json_file.write(json.dumps(row) + "\n")
+        for handle in (self.csv_file, self.json_file):
+            if handle:
+                handle.flush()
+
+    def close(self):
+        for handle in (self.csv_file, self.json_file):
+            if handle:
+                handle.close()

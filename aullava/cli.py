@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 
@@ -13,15 +14,27 @@ def _analyze(args) -> int:
     from .service import get_analyzer
 
     from .batch import analyze_batch, expand_inputs
+    from .distributed import analyze_sharded, launched
 
     fmt_lib.get_format(args.format)
     images = expand_inputs(args.images)
     if not images:
         raise ValueError(f"no image files in {', '.join(args.images)}")
+    if launched():
+        if not (args.csv or args.jsonl):
+            raise ValueError("analyze under a distributed launcher writes its rows with --csv and/or --jsonl")
+        summary, run = analyze_sharded(get_analyzer(args.checkpoint), images, args.format, args.csv, args.jsonl,
+                                       gather_every=args.gather_every)
+        if run["main"]:
+            print(summary, file=sys.stderr)
+            _print_rate(len(images), run["seconds"], run["processes"], run["per_process"])
+        return 1 if summary.failed else 0
     analyzer = get_analyzer(args.checkpoint)
     if args.csv or args.jsonl:
+        started = time.perf_counter()
         summary = analyze_batch(analyzer, images, args.format, args.csv, args.jsonl)
         print(summary, file=sys.stderr)
+        _print_rate(len(images), time.perf_counter() - started, 1, [len(images)])
         return 1 if summary.failed else 0
     failed = 0
     for image in map(str, images):
@@ -53,6 +66,11 @@ def _analyze(args) -> int:
     return 1 if failed else 0
 
 
+def _print_rate(inputs: int, seconds: float, processes: int, per_process: list):
+    print(f"{inputs} input(s) in {seconds:.2f} s ({inputs / max(seconds, 1e-9):.3f} inputs/s) on {processes} "
+          f"process(es); inputs per process: {', '.join(map(str, per_process))}", file=sys.stderr)
+
+
 def _evaluate(args) -> int:
     from .evaluate import evaluate
     from .service import Analyzer
@@ -75,14 +93,16 @@ def _evaluate(args) -> int:
 
 
 def _train(args) -> int:
-    from .train import Trainer, TrainConfig
+    from .train import Trainer, train_config
 
-    config = TrainConfig(manifest=args.manifest, out=args.out, images_root=args.images_root, seed=args.seed,
-                         encoder_steps=args.encoder_steps, projector_steps=args.projector_steps,
-                         lora_steps=args.lora_steps, batch_size=args.batch_size,
-                         kinds=tuple(args.kinds.split(",")),
-                         held_out_subjects=tuple(args.hold_out.split(",")) if args.hold_out else (),
-                         base_llm=args.base_llm, tiny_llm=args.tiny)
+    flags = {"manifest": args.manifest, "out": args.out, "images_root": args.images_root, "seed": args.seed,
+             "encoder_steps": args.encoder_steps, "projector_steps": args.projector_steps,
+             "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
+             "kinds": tuple(args.kinds.split(",")) if args.kinds else None,
+             "held_out_subjects": tuple(args.hold_out.split(",")) if args.hold_out else None,
+             "tiny_llm": args.tiny or None, "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum,
+             "cpu": args.cpu or None}
+    config = train_config(args.config, **flags)
     path = Trainer(config).run(resume=not args.no_resume)
     print(f"checkpoint written to {path}")
     return 0
@@ -135,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--csv", help="write OpenFace-style rows (one per face; failures as success=0) here")
     analyze.add_argument("--jsonl", help="write the same rows as JSON lines here")
     analyze.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")
+    analyze.add_argument("--gather-every", type=int, default=16,
+                         help="under accelerate launch: inputs per process between two gathers/writes (default 16)")
     analyze.set_defaults(run=_analyze)
 
     evaluate = commands.add_parser("evaluate", help="per-AU metrics of the model on a labelled manifest")
@@ -148,17 +170,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     train = commands.add_parser("train", help="train encoder, projector and LoRA on a manifest")
-    train.add_argument("--manifest", required=True)
+    train.add_argument("--config", help="a JSON file of TrainConfig fields (e.g. configs/gpu-siglip-smollm2-1.7b.json); "
+                       "its \"model\" holds the model's (aus, encoder, lora); flags given here override it")
+    train.add_argument("--manifest", help="required, here or in --config")
     train.add_argument("--images-root")
-    train.add_argument("--out", required=True)
-    train.add_argument("--kinds", default="peak,neutral,near_peak")
+    train.add_argument("--out", help="required, here or in --config")
+    train.add_argument("--kinds", help="rows to train on (default peak,neutral,near_peak)")
     train.add_argument("--hold-out", help="subjects to leave out, comma-separated")
-    train.add_argument("--encoder-steps", type=int, default=1200)
-    train.add_argument("--projector-steps", type=int, default=60)
-    train.add_argument("--lora-steps", type=int, default=150)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--base-llm", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    train.add_argument("--encoder-steps", type=int, help="default 1200")
+    train.add_argument("--projector-steps", type=int, help="default 60")
+    train.add_argument("--lora-steps", type=int, help="default 150")
+    train.add_argument("--batch-size", type=int, help="the global batch, whatever the process count (default 8)")
+    train.add_argument("--grad-accum", type=int, help="micro-batches per process and step (default 1)")
+    train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                       help="default: accelerate's (launch flag or `accelerate config`), else no")
+    train.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--base-llm", help="hub id or folder (default HuggingFaceTB/SmolLM2-135M-Instruct)")
     train.add_argument("--tiny", action="store_true", help="a tiny random LLM (for tests)")
     train.add_argument("--no-resume", action="store_true")
     train.set_defaults(run=_train)

@@ -4,6 +4,14 @@
 1. projector: encoder + projector through the frozen LLM (answer cross-entropy + the per-AU loss);
 2. LoRA: adds a LoRA adapter to the LLM, all three trained together.
 Seeded and resumable: the state (weights, optimizer, stage, step) is saved every `save_every` steps.
+
+Runs on `accelerate.Accelerator`: alone (`python -m aullava train`) or on several processes, GPUs or machines
+(`accelerate launch -m aullava train`). Every process draws the same global batch from the step's seeded rng
+and works on its own slice of it; each slice's loss is its share of the global batch's mean (summed terms over
+the global count), and the trainable gradients are summed across processes, so the global batch, the loss and
+the learning-rate schedule do not depend on the process count. The model is not wrapped in DDP: its trainable
+part changes per stage (LoRA is added at stage 2, the encoder is frozen in the LLM stages), so the few
+trainable gradients are reduced explicitly, one all-reduce per step.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from tqdm import tqdm
 
 from . import formats as fmt_lib
 from .data.faces import face_batch, prepare_faces
+from .distributed import use_cpu
 from .data.manifest import default_intensities, read_manifest
 from .model import AULlava, AULlavaConfig, save_pretrained
 
@@ -55,6 +64,9 @@ class TrainConfig:
     base_llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
     tiny_llm: bool = False  # a tiny random LLM, for tests
     model: dict = field(default_factory=dict)  # AULlavaConfig overrides (aus, encoder, lora)
+    mixed_precision: str | None = None  # "no", "bf16", "fp16"; None: accelerate's launch flag or config
+    grad_accum: int = 1  # micro-batches per process and step; the global batch stays `batch_size`
+    cpu: bool = False  # stay on the CPU even where a GPU is available
 
     @property
     def encoder_frozen(self) -> bool:
@@ -78,7 +90,7 @@ def _optimizer_state_to_tensors(optimizer) -> tuple[dict, dict]:
     tensors = {}
     for index, values in state["state"].items():
         for key, value in values.items():
-            tensors[f"{index}.{key}"] = torch.as_tensor(value).clone()
+            tensors[f"{index}.{key}"] = torch.as_tensor(value).detach().cpu().clone()
     return tensors, {"param_groups": state["param_groups"]}
 
 
@@ -92,13 +104,23 @@ def _optimizer_state_from_tensors(tensors: dict, meta: dict) -> dict:
 
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
+        from accelerate import Accelerator
+
         self.config = config
-        self.log = log
+        self.accelerator = Accelerator(cpu=use_cpu(config.cpu), mixed_precision=config.mixed_precision)
+        self.device = self.accelerator.device
+        self.log = log if self.accelerator.is_main_process else (lambda *args, **kwargs: None)
+        if config.grad_accum < 1:
+            raise ValueError(f"grad_accum must be at least 1, not {config.grad_accum}")
+        processes = self.accelerator.num_processes
+        if min(config.batch_size, config.encoder_batch) < processes:
+            raise ValueError(f"the global batch ({config.batch_size}, encoder {config.encoder_batch}) is split across "
+                             f"{processes} processes: it must hold at least one image per process")
         self.out = Path(config.out)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         model_config = AULlavaConfig(base_llm=config.base_llm, **config.model)
-        self.model = self._build_model(model_config)
+        self.model = self._build_model(model_config).to(self.device)
         samples = read_manifest(config.manifest, config.images_root, kinds=config.kinds)
         if config.held_out_subjects:
             samples = [s for s in samples if s.subject not in set(config.held_out_subjects)]
@@ -114,9 +136,10 @@ class Trainer:
             raise ValueError("no training image has all of the model's AUs labelled; cannot teach answers")
         self.default_levels = default_intensities(self.table.samples, self.aus)
         positives = (self.labels * self.known).sum(0)
-        self.pos_weight = ((len(self.labels) - positives) / positives.clamp(min=1)).sqrt().clamp(max=4.0)
+        self.pos_weight = ((len(self.labels) - positives) / positives.clamp(min=1)).sqrt().clamp(max=4.0).to(self.device)
         self.log(f"{len(self.table)} training faces from {len({s.subject for s in self.table.samples})} subjects "
-                 f"({int(self.table.fallback.sum())} by whole-crop fallback)")
+                 f"({int(self.table.fallback.sum())} by whole-crop fallback); {processes} process(es) on "
+                 f"{self.device.type}, mixed precision {self.accelerator.mixed_precision}")
         self.history: list[dict] = []
 
     def _build_model(self, model_config) -> AULlava:
@@ -126,14 +149,23 @@ class Trainer:
             # saved beside the run so its checkpoint names a base LLM that loads ("path" source)
             llm, tokenizer = tiny_llm(seed=self.config.seed)
             folder = self.out / "tiny-llm"
-            llm.save_pretrained(str(folder))
-            tokenizer.save_pretrained(str(folder))
+            if self.accelerator.is_main_process:
+                llm.save_pretrained(str(folder))
+                tokenizer.save_pretrained(str(folder))
+            self.accelerator.wait_for_everyone()
             model_config.base_llm = str(folder.resolve())
         else:
             llm, tokenizer, source = load_base_llm(model_config.base_llm, fresh=True)
             self.log(f"base LLM {model_config.base_llm} from {source}")
         llm.requires_grad_(False)
         return AULlava(model_config, llm, tokenizer)
+
+    def _add_lora(self):
+        # Seeded: the adapter's initial weights are the same in every process, for any process count and on
+        # resume, whatever random numbers the earlier stages drew.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed + 1)
+            self.model.add_lora()
 
     # ----- targets -----------------------------------------------------------------------------------
     def result_for(self, sample) -> fmt_lib.AUResult:
@@ -142,18 +174,44 @@ class Trainer:
         return fmt_lib.AUResult.from_active(self.aus, active, levels)
 
     # ----- one step ----------------------------------------------------------------------------------
-    def _aux_loss(self, logits, indices):
-        known = self.known[indices]
-        losses = F.binary_cross_entropy_with_logits(logits.float(), self.labels[indices], pos_weight=self.pos_weight,
-                                                    reduction="none")
-        return (losses * known).sum() / known.sum().clamp(min=1)
+    def _aux_loss(self, logits, indices, reduction: str = "mean"):
+        """Per-AU presence loss over the known labels: their mean, or their sum (`reduction="sum"`)."""
+        known = self.known[indices].to(logits.device)
+        losses = F.binary_cross_entropy_with_logits(logits.float(), self.labels[indices].to(logits.device),
+                                                    pos_weight=self.pos_weight.to(logits.device), reduction="none")
+        total = (losses * known).sum()
+        return total if reduction == "sum" else total / known.sum().clamp(min=1)
+
+    def _micro_batches(self, batch_size: int) -> list[np.ndarray]:
+        """This process's positions in the global batch (a contiguous slice), in `grad_accum` micro-batches."""
+        mine = np.array_split(np.arange(batch_size), self.accelerator.num_processes)[self.accelerator.process_index]
+        return [part for part in np.array_split(mine, self.config.grad_accum) if len(part)]
+
+    def _accumulate(self, micro_loss, batch_size: int, counts: dict, weights: dict) -> dict:
+        """Backward of this process's share of the global batch's loss, micro-batch by micro-batch.
+
+        `micro_loss(positions)` returns each loss term summed over those positions of the global batch; `counts`
+        holds what each term is averaged over in the whole global batch. Returns each term's global mean."""
+        totals = torch.zeros(len(counts), device=self.device)
+        for part in self._micro_batches(batch_size):
+            terms = micro_loss(part)
+            loss = sum(weights[name] * terms[name] / counts[name] for name in counts)
+            self.accelerator.backward(loss)
+            totals += torch.stack([terms[name].detach().float() for name in counts])
+        totals = self.accelerator.reduce(totals, "sum")
+        return {name: float(total) / float(counts[name]) for name, total in zip(counts, totals)}
 
     def _encoder_step(self, rng, batch_size):
         indices = rng.choice(len(self.table), size=batch_size, replace=True)
         chip, landmarks = face_batch(self.table, indices, self.model.config.chip_size, rng)
-        _, logits = self.model.encoder(chip, landmarks)
-        loss = self._aux_loss(logits, indices)
-        return loss, {"aux": loss.item()}
+
+        def micro_loss(part):
+            with self.accelerator.autocast():
+                _, logits = self.model.encoder(chip[part].to(self.device), landmarks[part].to(self.device))
+            return {"aux": self._aux_loss(logits, indices[part], reduction="sum")}
+
+        means = self._accumulate(micro_loss, batch_size, {"aux": float(self.known[indices].sum().clamp(min=1))}, {"aux": 1.0})
+        return means["aux"], means
 
     def _answer_step(self, rng, batch_size):
         names = [f for f in self.config.formats]
@@ -166,10 +224,56 @@ class Trainer:
         # Only the decoder's choices carry a loss, each among its alternatives: forced text is fed at inference,
         # never predicted, and in the vector formats it outnumbers the decisions 4 to 1, diluting their gradient.
         choices = [alternatives for _, alternatives in targets] if self.config.decisive_loss else None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.model.llm_dtype == torch.bfloat16):
-            lm_loss, logits = self.model.answer_loss(chip, landmarks, format_name, answers, choices=choices)
-        aux = self._aux_loss(logits, indices)
-        return lm_loss + self.config.aux_weight * aux, {"lm": lm_loss.item(), "aux": aux.item(), "format": format_name}
+        scored = (sum(c is not None for cs in choices for c in cs) if choices is not None
+                  else sum(len(a) for a in answers))
+        bf16_llm = self.model.llm_dtype == torch.bfloat16
+
+        def micro_loss(part):
+            with self.accelerator.autocast(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_llm):
+                lm_sum, logits = self.model.answer_loss(
+                    chip[part].to(self.device), landmarks[part].to(self.device), format_name,
+                    [answers[i] for i in part], choices=None if choices is None else [choices[i] for i in part],
+                    reduction="sum")
+            return {"lm": lm_sum, "aux": self._aux_loss(logits, indices[part], reduction="sum")}
+
+        counts = {"lm": float(max(1, scored)), "aux": float(self.known[indices].sum().clamp(min=1))}
+        means = self._accumulate(micro_loss, batch_size, counts, {"lm": 1.0, "aux": self.config.aux_weight})
+        return means["lm"] + self.config.aux_weight * means["aux"], {**means, "format": format_name}
+
+    # ----- across processes --------------------------------------------------------------------------
+    def _flat_reduce(self, tensors: list, reduction: str) -> list:
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        flat = self.accelerator.reduce(flat, reduction)
+        return list(torch.split(flat, [t.numel() for t in tensors]))
+
+    def _sync_gradients(self, params):
+        """Sum the slices' gradients across processes (one all-reduce); a parameter without a gradient in one
+        process counts as zero there, so every process reduces the same layout."""
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p, total in zip(params, self._flat_reduce(grads, "sum")):
+            p.grad = total.view_as(p).to(p.dtype)
+
+    def _sync_parameters(self, params):
+        """Start every stage from the main process's weights (LoRA's initial weights, any drift)."""
+        if self.accelerator.num_processes == 1:
+            return
+        from accelerate.utils import broadcast
+
+        flat = broadcast(torch.cat([p.detach().reshape(-1).float() for p in params]), from_process=0)
+        with torch.no_grad():
+            for p, value in zip(params, torch.split(flat, [p.numel() for p in params])):
+                p.copy_(value.view_as(p))
+
+    def _sync_buffers(self, module):
+        """Batch-norm running statistics are updated from each process's slice: average them."""
+        if self.accelerator.num_processes == 1:
+            return
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        if buffers:
+            for b, mean in zip(buffers, self._flat_reduce(buffers, "mean")):
+                b.copy_(mean.view_as(b))
 
     # ----- stages ------------------------------------------------------------------------------------
     def _stage_setup(self, stage):
@@ -179,7 +283,7 @@ class Trainer:
             params = [{"params": list(model.encoder.parameters()), "lr": c.encoder_lr}]
             return params, c.encoder_steps, c.encoder_batch, self._encoder_step
         if stage == "lora":
-            model.add_lora()
+            self._add_lora()
         lr = c.projector_lr if stage == "projector" else c.lora_lr
         params = [{"params": list(model.projector.parameters()), "lr": lr}]
         if not c.encoder_frozen:
@@ -200,10 +304,11 @@ class Trainer:
             start_stage, start_step = STAGES.index(resume_state["stage"]), resume_state["step"]
             self.history = resume_state.get("history", [])
             self.log(f"resuming at stage {resume_state['stage']} step {start_step}")
+        main = self.accelerator.is_main_process
         for stage_index, stage in enumerate(STAGES):
             if stage_index < start_stage:
                 if stage == "lora":
-                    self.model.add_lora()
+                    self._add_lora()
                 continue
             params, steps, batch_size, step_fn = self._stage_setup(stage)
             trainable = [p for group in params for p in group["params"]]
@@ -214,6 +319,8 @@ class Trainer:
             if resume_state is not None and stage_index == start_stage:
                 self._load_state(state_dir, optimizer)
                 first = start_step
+            self._sync_parameters(trainable)
+            optimizer = self.accelerator.prepare(optimizer)
             base_lrs = [g["lr"] for g in optimizer.param_groups]
             self.model.train()
             self.model.llm.eval()  # dropout off in the frozen LLM; LoRA dropout still applies in train mode
@@ -223,18 +330,22 @@ class Trainer:
                 for module in self.model.llm.modules():
                     if "lora_dropout" in type(module).__name__.lower():
                         module.train()
-            bar = tqdm(range(first, steps), desc=stage, unit="step", initial=first, total=steps)
+            encoder_learns = stage == "encoder" or not self.config.encoder_frozen
+            bar = tqdm(range(first, steps), desc=stage, unit="step", initial=first, total=steps, disable=not main)
             for step in bar:
                 rng = np.random.default_rng([self.config.seed, stage_index, step])
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * _cosine(step, steps)
-                loss, info = step_fn(rng, batch_size)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss, info = step_fn(rng, batch_size)
+                self._sync_gradients(trainable)
+                self.accelerator.unscale_gradients(optimizer=optimizer)  # fp16 only; a no-op otherwise
                 torch.nn.utils.clip_grad_norm_(trainable, 1.0)
                 optimizer.step()
-                self.history.append({"stage": stage, "step": step, "loss": loss.item(), **info})
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                if encoder_learns:
+                    self._sync_buffers(self.model.encoder)
+                self.history.append({"stage": stage, "step": step, "loss": loss, **info})
+                bar.set_postfix(loss=f"{loss:.3f}")
                 if (step + 1) % self.config.save_every == 0 and step + 1 < steps:
                     self._save_state(state_dir, stage, step + 1, optimizer)
             if stage_index + 1 < len(STAGES):
@@ -242,8 +353,11 @@ class Trainer:
         self.model.eval()
         self.model.invalidate_prefix_cache()
         self.model.config.training = self.provenance()
-        path = save_pretrained(self.model, self.out / "checkpoint")
-        (self.out / "history.json").write_text(json.dumps(self.history))
+        path = self.out / "checkpoint"
+        if main:
+            save_pretrained(self.model, path)
+            (self.out / "history.json").write_text(json.dumps(self.history))
+        self.accelerator.wait_for_everyone()
         return path
 
     def provenance(self) -> dict:
@@ -255,6 +369,12 @@ class Trainer:
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def _save_state(self, state_dir: Path, stage: str, step: int, optimizer):
+        """Written by the main process (every process holds the same weights); the others wait for it."""
+        if self.accelerator.is_main_process:
+            self._write_state(state_dir, stage, step, optimizer)
+        self.accelerator.wait_for_everyone()
+
+    def _write_state(self, state_dir: Path, stage: str, step: int, optimizer):
         state_dir.mkdir(parents=True, exist_ok=True)
         save_pretrained(self.model, state_dir / "model")
         meta = {}
@@ -269,14 +389,45 @@ class Trainer:
     def _load_state(self, state_dir: Path, optimizer):
         from .model import WEIGHTS_NAME, ADAPTER_DIR, _sub_state
 
-        weights = load_file(str(state_dir / "model" / WEIGHTS_NAME))
+        weights = load_file(str(state_dir / "model" / WEIGHTS_NAME), device=str(self.device))
         self.model.encoder.load_state_dict(_sub_state(weights, "encoder"))
         self.model.projector.load_state_dict(_sub_state(weights, "projector"))
         adapter = state_dir / "model" / ADAPTER_DIR / "adapter_model.safetensors"
         if adapter.is_file():
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(self.model.llm, load_file(str(adapter)))
+            set_peft_model_state_dict(self.model.llm, load_file(str(adapter), device=str(self.device)))
         meta = json.loads((state_dir / "trainer.json").read_text())["optimizer"]
         if meta and (state_dir / "optimizer.safetensors").is_file():
             optimizer.load_state_dict(_optimizer_state_from_tensors(load_file(str(state_dir / "optimizer.safetensors")), meta))
+
+
+def train_config(path=None, **overrides) -> TrainConfig:
+    """A TrainConfig from a JSON file of its fields (optional), then `overrides` that are not None."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(TrainConfig)}
+    values = {}
+    if path:
+        try:
+            values = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"training config {path} is unreadable: {error}") from error
+        values = {k: v for k, v in values.items() if not k.startswith("_")}  # "_comment" keys are notes
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"training config {path}: unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("manifest", "out") if not values.get(k)]
+    if missing:
+        raise ValueError(f"training needs {' and '.join('--' + k for k in missing)} (on the command line or in --config)")
+    for key in ("kinds", "held_out_subjects", "formats"):
+        if key in values:
+            values[key] = tuple(values[key])
+    model = values.get("model", {})
+    if "base_llm" in model:
+        raise ValueError("put base_llm at the top level of the training config, not under \"model\"")
+    unknown_model = sorted(set(model) - set(AULlavaConfig.__dataclass_fields__))
+    if unknown_model:
+        raise ValueError(f"training config: unknown model field(s) {', '.join(unknown_model)}")
+    return TrainConfig(**values)

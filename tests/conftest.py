@@ -48,3 +48,7 @@ def tiny_manifest(tmp_path_factory):
 
 def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared data not on this machine)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: starts several processes (about a minute or two); -m 'not slow' skips it")
