@@ -127,7 +127,8 @@ class HFVisionBackbone(nn.Module):
     """Any transformers vision model; its last hidden states (patch tokens) feed the AU head."""
 
     def __init__(self, dim: int, model_id: str | None = None, vision_config: dict | None = None,
-                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), pretrained: bool = True):
+                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5), pretrained: bool = True,
+                 image_size: int | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -141,7 +142,8 @@ class HFVisionBackbone(nn.Module):
         if hasattr(self.model, "vision_model"):  # CLIP / SigLIP full models: keep the image tower only
             self.model = self.model.vision_model
         config = self.model.config
-        self.image_size = int(getattr(config, "image_size", 224))
+        # the face is resized to this; `image_size` overrides the model's own (DINOv2 says 518, i.e. 1369 patches)
+        self.image_size = int(image_size or getattr(config, "image_size", 224))
         self.register_buffer("mean", torch.tensor(image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(image_std).view(1, 3, 1, 1), persistent=False)
         self.out = nn.Linear(config.hidden_size, dim)
@@ -167,7 +169,7 @@ class AUEncoder(nn.Module):
         elif kind == "hf":
             self.backbone = HFVisionBackbone(dim, config.get("model_id"), config.get("vision_config"),
                                              config.get("image_mean", (0.5,) * 3), config.get("image_std", (0.5,) * 3),
-                                             pretrained=config.get("pretrained", True))
+                                             pretrained=config.get("pretrained", True), image_size=config.get("image_size"))
         else:
             raise ValueError(f"unknown encoder type {kind!r}: use 'landmark_patch' or 'hf'")
         self.head = AUQueryHead(dim, num_aus, layers=config.get("head_layers", 2))

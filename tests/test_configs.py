@@ -1,0 +1,41 @@
+"""The example training configs load into TrainConfig / AULlavaConfig, and bad ones fail clearly."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from aullava.encoders import AUEncoder
+from aullava.model import AULlavaConfig
+from aullava.train import train_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.json"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_example_configs_load(path, tmp_path):
+    config = train_config(path, manifest="m.csv", out=str(tmp_path), batch_size=4)
+    assert config.batch_size == 4 and config.manifest == "m.csv"  # flags override the file
+    model = AULlavaConfig(base_llm=config.base_llm, **config.model)
+    assert model.encoder["type"] == "hf" and "/" in model.encoder["model_id"]
+    assert model.chip_size == 224
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"encoder_stepz": 3}))
+    with pytest.raises(ValueError, match="unknown field.*encoder_stepz"):
+        train_config(bad, manifest="m.csv", out="o")
+    bad.write_text(json.dumps({"model": {"base_llm": "x/y"}}))
+    with pytest.raises(ValueError, match="top level"):
+        train_config(bad, manifest="m.csv", out="o")
+    with pytest.raises(ValueError, match="--manifest"):
+        train_config(None, out="o")
+
+
+def test_hf_encoder_takes_its_input_size_from_the_config():
+    vision = {"model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "intermediate_size": 64, "patch_size": 14, "image_size": 518}
+    encoder = AUEncoder({"type": "hf", "vision_config": vision, "dim": 16, "image_size": 56, "head_layers": 1}, 3)
+    tokens, logits = encoder(torch.zeros(2, 1, 64, 64), torch.zeros(2, 68, 2))
+    assert encoder.backbone.image_size == 56 and tokens.shape == (2, 3, 16) and logits.shape == (2, 3)
