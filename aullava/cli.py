@@ -1,4 +1,4 @@
-"""`python -m aullava {analyze,evaluate,train,manifest,bench,push}`."""
+"""`python -m aullava {analyze,evaluate,train,crossval,manifest,bench,push}`."""
 from __future__ import annotations
 
 import argparse
@@ -74,18 +74,47 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    from .train import Trainer, TrainConfig
+def _train_config(args, **extra):
+    from .train import TrainConfig
 
-    config = TrainConfig(manifest=args.manifest, out=args.out, images_root=args.images_root, seed=args.seed,
-                         encoder_steps=args.encoder_steps, projector_steps=args.projector_steps,
-                         lora_steps=args.lora_steps, batch_size=args.batch_size,
-                         kinds=tuple(args.kinds.split(",")),
-                         held_out_subjects=tuple(args.hold_out.split(",")) if args.hold_out else (),
-                         base_llm=args.base_llm, tiny_llm=args.tiny)
-    path = Trainer(config).run(resume=not args.no_resume)
+    return TrainConfig(manifest=args.manifest, out=args.out, images_root=args.images_root, seed=args.seed,
+                       encoder_steps=args.encoder_steps, projector_steps=args.projector_steps,
+                       lora_steps=args.lora_steps, batch_size=args.batch_size, kinds=tuple(args.kinds.split(",")),
+                       base_llm=args.base_llm, tiny_llm=args.tiny, **extra)
+
+
+def _train(args) -> int:
+    from .train import Trainer
+
+    held_out = tuple(args.hold_out.split(",")) if args.hold_out else ()
+    path = Trainer(_train_config(args, held_out_subjects=held_out)).run(resume=not args.no_resume)
     print(f"checkpoint written to {path}")
     return 0
+
+
+def _crossval(args) -> int:
+    from .crossval import crossval
+
+    summary = crossval(_train_config(args), folds=args.folds, formats=tuple(args.formats),
+                       diagnostics=args.diagnostics)
+    for name, entry in summary["formats"].items():
+        print(f"{name:>10}: average F1 over AUs {entry['average_f1']} (per fold {entry['macro_f1_per_fold']})")
+    print(f"{summary['seconds']} s; report in {Path(args.out) / 'crossval.md'} and crossval.json")
+    return 0
+
+
+def _add_training_options(parser, out_help: str):
+    parser.add_argument("--manifest", required=True)
+    parser.add_argument("--images-root")
+    parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--kinds", default="peak,neutral,near_peak", help="manifest rows to train on")
+    parser.add_argument("--encoder-steps", type=int, default=1200)
+    parser.add_argument("--projector-steps", type=int, default=60)
+    parser.add_argument("--lora-steps", type=int, default=150)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-llm", default="HuggingFaceTB/SmolLM2-135M-Instruct")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random LLM (for tests)")
 
 
 def _push(args) -> int:
@@ -148,20 +177,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     train = commands.add_parser("train", help="train encoder, projector and LoRA on a manifest")
-    train.add_argument("--manifest", required=True)
-    train.add_argument("--images-root")
-    train.add_argument("--out", required=True)
-    train.add_argument("--kinds", default="peak,neutral,near_peak")
+    _add_training_options(train, "run folder: state (resumable), history.json, checkpoint/")
     train.add_argument("--hold-out", help="subjects to leave out, comma-separated")
-    train.add_argument("--encoder-steps", type=int, default=1200)
-    train.add_argument("--projector-steps", type=int, default=60)
-    train.add_argument("--lora-steps", type=int, default=150)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--base-llm", default="HuggingFaceTB/SmolLM2-135M-Instruct")
-    train.add_argument("--tiny", action="store_true", help="a tiny random LLM (for tests)")
     train.add_argument("--no-resume", action="store_true")
     train.set_defaults(run=_train)
+
+    crossval = commands.add_parser("crossval", help="subject-exclusive k-fold cross-validation (train + evaluate)")
+    _add_training_options(crossval, "folder for fold<i>/ runs, crossval.json and crossval.md (resumable)")
+    crossval.add_argument("--folds", type=int, default=3)
+    crossval.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names())
+    crossval.add_argument("--diagnostics", action="store_true",
+                          help="also score the encoder's own head and the live read-out (slower)")
+    crossval.set_defaults(run=_crossval)
 
     manifest = commands.add_parser("manifest", help="turn a dataset's release layout into a manifest CSV")
     manifest.add_argument("--dataset", required=True, choices=["bp4d", "disfa", "feafa", "ckplus"])
