@@ -13,18 +13,26 @@ def _analyze(args) -> int:
     from .service import get_analyzer
 
     from .batch import analyze_batch, expand_inputs
+    from .video import is_video
 
     fmt_lib.get_format(args.format)
+    if args.fps is not None and args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
     images = expand_inputs(args.images)
     if not images:
-        raise ValueError(f"no image files in {', '.join(args.images)}")
+        raise ValueError(f"no image or video files in {', '.join(args.images)}")
     analyzer = get_analyzer(args.checkpoint)
-    if args.csv or args.jsonl:
-        summary = analyze_batch(analyzer, images, args.format, args.csv, args.jsonl)
+    if args.csv or args.jsonl or args.plot:
+        summary = analyze_batch(analyzer, images, args.format, args.csv, args.jsonl, fps=args.fps)
+        if args.plot:
+            _plot_videos(summary, analyzer.aus, args.plot)
         print(summary, file=sys.stderr)
         return 1 if summary.failed else 0
     failed = 0
     for image in map(str, images):
+        if is_video(image):
+            failed += _print_video(analyzer, image, args)
+            continue
         try:
             outcome = analyzer.analyze(image, args.format)
         except FaceError as error:
@@ -51,6 +59,37 @@ def _analyze(args) -> int:
                                for a in active)
             print(f"    active AUs: {levels or 'none'}")
     return 1 if failed else 0
+
+
+def _print_video(analyzer, video: str, args) -> int:
+    """Prints a line (or a JSON row) per sampled frame and face; returns the number of frames without a result."""
+    from .batch import video_rows
+
+    failed = 0
+    for rows in video_rows(analyzer, video, args.format, args.fps, progress=False):
+        for row in rows:
+            if args.json:
+                print(json.dumps(row))
+            if not row["success"]:
+                failed += 1
+                print(f"{video} frame {row['frame']}: {row['reason']}", file=sys.stderr)
+            elif not args.json:
+                active = [key[:-2] for key, value in row.items() if key.endswith("_c") and value]
+                print(f"{video} t={row['timestamp']:.2f}s frame {row['frame']} face {row['face_id']}: "
+                      f"{', '.join(active) or 'no AU'}")
+    return failed
+
+
+def _plot_videos(summary, aus, target: str):
+    from .plots import au_time_series
+
+    if not summary.video_rows:
+        raise ValueError("--plot draws the AU time series of videos, and no video was given")
+    target = Path(target)
+    for video, rows in summary.video_rows.items():
+        path = target if len(summary.video_rows) == 1 else target.with_name(f"{target.stem}-{Path(video).stem}{target.suffix}")
+        au_time_series(rows, aus, title=Path(video).name).save(path)
+        print(f"time series of {video} written to {path}", file=sys.stderr)
 
 
 def _evaluate(args) -> int:
@@ -157,12 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aullava", description="AU-LLaVA: facial Action Units written by an LLM")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    analyze = commands.add_parser("analyze", help="the AUs of every face in one or more images")
-    analyze.add_argument("images", nargs="+", help="image files and/or folders of images")
+    analyze = commands.add_parser("analyze", help="the AUs of every face in images, folders or videos")
+    analyze.add_argument("images", nargs="+", help="image or video files and/or folders of them")
     analyze.add_argument("--format", default="list", choices=format_names())
     analyze.add_argument("--json", action="store_true", help="one JSON line per image")
     analyze.add_argument("--csv", help="write OpenFace-style rows (one per face; failures as success=0) here")
     analyze.add_argument("--jsonl", help="write the same rows as JSON lines here")
+    analyze.add_argument("--fps", type=float, default=5.0, help="frames analysed per second of video (default 5)")
+    analyze.add_argument("--plot", help="save each video's AU time series to this PNG")
     analyze.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")
     analyze.set_defaults(run=_analyze)
 
