@@ -6,25 +6,9 @@ import pytest
 from PIL import Image
 
 from aullava.video import FaceTracker, VideoReadError, read_frames, video_info
+from conftest import write_video
 
 av = pytest.importorskip("av")
-
-
-def write_video(path, image, seconds=3, rate=10, size=(256, 320)):
-    """An mp4 of `image` drifting sideways (a real encoder, as a camera file would be)."""
-    image = image.convert("RGB").resize(size)
-    with av.open(str(path), "w") as out:
-        stream = out.add_stream("mpeg4", rate=rate)
-        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
-        stream.gop_size = 5
-        for i in range(seconds * rate):
-            frame = Image.new("RGB", size)
-            frame.paste(image, (int(6 * np.sin(i / 5)), 0))
-            for packet in stream.encode(av.VideoFrame.from_image(frame)):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return path
 
 
 @pytest.fixture(scope="module")
