@@ -2,9 +2,11 @@
 
 A face goes in (upload, webcam, paste or an example); the AU-LLaVA model writes its Action Units in the chosen
 format; the page shows that text, an intensity chart, the face with its landmarks and active regions, an
-emotion hint, JSON/CSV downloads, and a chat grounded in the analysis. Live mode streams webcam frames.
+emotion hint, JSON/CSV downloads, and a chat grounded in the analysis. Live mode streams webcam frames; the
+Video tab analyses an uploaded video into AU time series and OpenFace-style rows.
 
-Named API endpoints (gradio_client): /analyse (image, format) and /chat (message, history, face). The logic
+Named API endpoints (gradio_client): /analyse (image, format), /chat (message, history, face) and
+/analyse_video (video, format, frames per second). The logic
 lives in aullava.demo, aullava.plots and aullava.chat; this file only builds the page.
 """
 from __future__ import annotations
@@ -160,6 +162,22 @@ def chat(message, history, session=None, face=None):
                                                           "please ask again."}], ""
 
 
+def analyse_video(video, format_name, fps, progress=gr.Progress(track_tqdm=True)):
+    """Analyse a video: every face of the frames sampled at `fps` per second. Returns (status, AU time series,
+    CSV + JSON lines downloads); problems come back as a sentence."""
+    if not video:
+        return "Upload a video first.", None, None
+    try:
+        done = logic.analyse_video(logic.get_analyzer(), video, format_name or "intensity", float(fps or 0))
+    except Exception as error:  # noqa: BLE001 - shown as a sentence, the app keeps serving
+        if not isinstance(error, (logic.FaceError, ValueError)):
+            logger.exception("video analysis failed")
+        message = logic.error_sentence(error, video)
+        gr.Warning(message)
+        return message, None, None
+    return done.summary, done.series, done.downloads
+
+
 def on_load(request: gr.Request):
     """Page opened with ?example=1 (optionally &ask=<question>): show the example face analysed (and the
     question answered), e.g. for screenshots and the headless-browser test."""
@@ -264,6 +282,24 @@ def build() -> gr.Blocks:
                         live_overlay = gr.Image(label="Face (live)", type="pil", interactive=False,
                                                 format="jpeg", height=240)
 
+            with gr.Tab("Video"):
+                gr.Markdown("Upload a video: the frames sampled at the chosen rate are analysed (every face, ids "
+                            f"kept across frames; at most {logic.MAX_VIDEO_FRAMES} frames here, the command line "
+                            "has no limit) and the AU curves of the most seen face drawn. Rows in OpenFace's "
+                            "columns download as CSV and JSON lines.")
+                with gr.Row(equal_height=False):
+                    with gr.Column(scale=4, min_width=300):
+                        video = gr.Video(label="Video", sources=["upload"], height=300, elem_id="aullava-video")
+                        video_fmt = gr.Dropdown(FORMAT_CHOICES, value="intensity", label="Answer format")
+                        video_fps = gr.Slider(0.5, 10, value=2, step=0.5, label="Frames analysed per second")
+                        video_button = gr.Button("Analyse the video", variant="primary")
+                        video_status = gr.Markdown("", elem_id="aullava-video-status")
+                    with gr.Column(scale=6, min_width=360):
+                        video_series = gr.Image(label="AU time series", type="pil", interactive=False,
+                                                format="png", elem_id="aullava-video-series")
+                        video_downloads = gr.File(label="Download the rows (CSV, JSON lines)",
+                                                  file_count="multiple", interactive=False, height=90)
+
         outputs = [status, text, bars, overlay, face, hint, result_json, downloads, session]
         common = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
         image.change(analyse, [image, fmt, session, face], outputs, api_name="analyse", **common).then(
@@ -275,6 +311,8 @@ def build() -> gr.Blocks:
                    trigger_mode="always_last", **common)
         face.input(show_face, [face, session], outputs, api_visibility="private", concurrency_limit=None)
         question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
+        video_button.click(analyse_video, [video, video_fmt, video_fps], [video_status, video_series, video_downloads],
+                           api_name="analyse_video", **common)
         camera.stream(live, [camera, live_mode, live_session], [live_status, live_text, live_bars, live_overlay, live_session],
                       stream_every=LIVE_INTERVAL, time_limit=600, concurrency_limit=1, concurrency_id="live",
                       api_visibility="private")

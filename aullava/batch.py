@@ -11,22 +11,25 @@ import csv
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from tqdm import tqdm
 
 from . import formats as fmt_lib
 from .face import FaceError
+from .video import DEFAULT_FPS, VIDEO_SUFFIXES, FaceTracker, is_video, read_frames, video_info
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
 def expand_inputs(items) -> list[Path]:
-    """Files as given; folders replaced by their image files (sorted, not recursive)."""
+    """Files as given; folders replaced by their image and video files (sorted, not recursive)."""
     paths = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            paths += sorted(p for p in path.iterdir()
+                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
         else:
             paths.append(path)
     return paths
@@ -41,31 +44,33 @@ def csv_columns(aus) -> list[str]:
 @dataclass
 class BatchSummary:
     images: int = 0
+    videos: int = 0
+    video_frames: int = 0
     faces: int = 0
-    failed: list = field(default_factory=list)  # (file, reason)
+    failed: list = field(default_factory=list)  # (file, reason): images and video frames without a result
+    video_rows: dict = field(default_factory=dict)  # video file -> its rows, for time-series plots
 
     def __str__(self):
-        text = f"{self.images} image(s), {self.faces} face(s) analysed, {len(self.failed)} image(s) without a result"
+        media = f"{self.images} image(s)" + (f", {self.video_frames} frame(s) of {self.videos} video(s)"
+                                             if self.videos else "")
+        text = f"{media}, {self.faces} face(s) analysed, {len(self.failed)} without a result"
         return text + "".join(f"\n  {name}: {reason}" for name, reason in self.failed[:20])
 
-    def add(self, path, rows: list[dict]):
-        """Count one input's rows (from `rows_for`)."""
-        self.images += 1
+    def add(self, file: str, rows: list[dict]):
         self.faces += sum(1 for r in rows if r["face_id"] != "")
         if rows[0]["face_id"] == "":
-            self.failed.append((str(path), rows[0]["reason"]))
+            self.failed.append((file, rows[0]["reason"]))
 
 
-def rows_for(analyzer, path: Path, frame: int, format_name: str) -> list[dict]:
-    """The CSV rows of one image: one per face, or one failure row."""
-    base = {"file": str(path), "frame": frame, "timestamp": 0.0, "format": format_name}
-    try:
-        outcome = analyzer.analyze(path, format_name)
-    except FaceError as error:
-        return [{**base, "face_id": "", "confidence": 0.0, "success": 0, "reason": str(error)}]
+def _failure_row(base: dict, reason: str) -> dict:
+    return {**base, "face_id": "", "confidence": 0.0, "success": 0, "reason": reason}
+
+
+def _face_rows(outcome, base: dict, face_ids=None) -> list[dict]:
     rows = []
-    for face in outcome.faces:
-        row = {**base, "face_id": face.face.index, "confidence": round(float(face.face.score), 4),
+    for position, face in enumerate(outcome.faces):
+        face_id = face.face.index if face_ids is None else face_ids[position]
+        row = {**base, "face_id": face_id, "confidence": round(float(face.face.score), 4),
                "success": 0 if face.error else 1, "reason": face.error or "", "text": face.text}
         if face.result is not None:
             for a in face.result.aus:
@@ -77,10 +82,58 @@ def rows_for(analyzer, path: Path, frame: int, format_name: str) -> list[dict]:
     return rows
 
 
+def rows_for(analyzer, path: Path, frame: int, format_name: str) -> list[dict]:
+    """The CSV rows of one image: one per face, or one failure row."""
+    base = {"file": str(path), "frame": frame, "timestamp": 0.0, "format": format_name}
+    try:
+        outcome = analyzer.analyze(path, format_name)
+    except FaceError as error:
+        return [_failure_row(base, str(error))]
+    return _face_rows(outcome, base)
+
+
+def video_rows(analyzer, path: Path, format_name: str, fps: float | None = DEFAULT_FPS,
+               progress: bool = True) -> Iterator[list[dict]]:
+    """The rows of each sampled frame of a video (faces keep their id across frames), in time order; a video
+    that cannot be opened is one failure row, a frame that cannot be decoded or has no face is one each."""
+    base = {"file": str(path), "format": format_name}
+    try:
+        total = video_info(path).sampled_frames(fps)
+        frames = read_frames(path, fps)
+        tracker = FaceTracker()
+        for frame in tqdm(frames, desc=Path(path).name, unit="frame", total=total, disable=not progress,
+                          leave=False):
+            frame_base = {**base, "frame": frame.number, "timestamp": frame.timestamp}
+            if frame.rgb is None:
+                yield [_failure_row(frame_base, frame.error)]
+                continue
+            try:
+                outcome = analyzer.analyze(frame.rgb, format_name)
+            except FaceError as error:
+                yield [_failure_row(frame_base, str(error))]
+                continue
+            ids = tracker.assign([f.face.box for f in outcome.faces], frame.timestamp)
+            yield _face_rows(outcome, frame_base, ids)
+    except FaceError as error:  # the file itself (VideoReadError): not a video, no stream, truncated
+        yield [_failure_row({**base, "frame": "", "timestamp": ""}, str(error))]
+
+
+def _write(rows: list[dict], writer, csv_file, json_file):
+    for row in rows:
+        if writer:
+            writer.writerow(row)
+        if json_file:
+            json_file.write(json.dumps(row) + "\n")
+    for handle in (csv_file, json_file):
+        if handle:
+            handle.flush()
+
+
 def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jsonl_path=None,
-                  progress: bool = True) -> BatchSummary:
-    """Analyse every image of `items` (files and folders), writing rows as they come (a crash keeps what was
-    written). Returns a summary; the caller decides the exit code."""
+                  progress: bool = True, fps: float | None = DEFAULT_FPS) -> BatchSummary:
+    """Analyse every image and video of `items` (files and folders; videos sampled at `fps` frames per
+    second), writing rows as they come (a crash keeps what was written). Returns a summary; the caller decides
+    the exit code."""
     fmt_lib.get_format(format_name)
     paths = expand_inputs(items)
     summary = BatchSummary()
@@ -91,20 +144,19 @@ def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jso
         writer = csv.DictWriter(csv_file, columns, restval="") if csv_file else None
         if writer:
             writer.writeheader()
-        for frame, path in enumerate(tqdm(paths, desc="analyse", unit="img", disable=not progress), start=1):
-            rows = rows_for(analyzer, path, frame, format_name)
-            summary.images += 1
-            summary.faces += sum(1 for r in rows if r["face_id"] != "")
-            if rows[0]["face_id"] == "":
-                summary.failed.append((str(path), rows[0]["reason"]))
-            for row in rows:
-                if writer:
-                    writer.writerow(row)
-                if json_file:
-                    json_file.write(json.dumps(row) + "\n")
-            for handle in (csv_file, json_file):
-                if handle:
-                    handle.flush()
+        for frame, path in enumerate(tqdm(paths, desc="analyse", unit="file", disable=not progress), start=1):
+            if is_video(path):
+                summary.videos += 1
+                groups = video_rows(analyzer, path, format_name, fps, progress)
+            else:
+                summary.images += 1
+                groups = [rows_for(analyzer, path, frame, format_name)]
+            for rows in groups:
+                if is_video(path):
+                    summary.video_rows.setdefault(str(path), []).extend(rows)
+                    summary.video_frames += rows[0]["frame"] != ""
+                summary.add(str(path) if not is_video(path) else f"{path} frame {rows[0]['frame']}", rows)
+                _write(rows, writer, csv_file, json_file)
     finally:
         for handle in (csv_file, json_file):
             if handle:
@@ -113,7 +165,7 @@ def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jso
 
 
 class RowWriter:
-    """Writes rows to a CSV (the columns of `csv_columns`) and/or JSON lines, flushing after each input."""
+    """Writes rows to a CSV (the columns of `csv_columns`) and/or JSON lines, flushing after each group."""
 
     def __init__(self, aus, csv_path=None, jsonl_path=None):
         self.csv_file = open(csv_path, "w", newline="") if csv_path else None
@@ -123,14 +175,7 @@ class RowWriter:
             self.writer.writeheader()
 
     def write(self, rows: list[dict]):
-        for row in rows:
-            if self.writer:
-                self.writer.writerow(row)
-            if self.json_file:
-                self.json_file.write(json.dumps(row) + "\n")
-        for handle in (self.csv_file, self.json_file):
-            if handle:
-                handle.flush()
+        _write(rows, self.writer, self.csv_file, self.json_file)
 
     def close(self):
         for handle in (self.csv_file, self.json_file):

@@ -1,4 +1,4 @@
-"""`python -m aullava {analyze,evaluate,train,manifest,bench,push}`."""
+"""`python -m aullava {analyze,evaluate,train,crossval,manifest,bench,push}`."""
 from __future__ import annotations
 
 import argparse
@@ -15,29 +15,40 @@ def _analyze(args) -> int:
 
     from .batch import analyze_batch, expand_inputs
     from .distributed import analyze_sharded, launched
+    from .video import is_video
 
     fmt_lib.get_format(args.format)
+    if args.fps is not None and args.fps <= 0:
+        raise ValueError(f"--fps must be positive, got {args.fps}")
     images = expand_inputs(args.images)
     if not images:
-        raise ValueError(f"no image files in {', '.join(args.images)}")
+        raise ValueError(f"no image or video files in {', '.join(args.images)}")
     if launched():
         if not (args.csv or args.jsonl):
             raise ValueError("analyze under a distributed launcher writes its rows with --csv and/or --jsonl")
-        summary, run = analyze_sharded(get_analyzer(args.checkpoint), images, args.format, args.csv, args.jsonl,
+        analyzer = get_analyzer(args.checkpoint)
+        summary, run = analyze_sharded(analyzer, images, args.format, args.csv, args.jsonl, fps=args.fps,
                                        gather_every=args.gather_every)
         if run["main"]:
+            if args.plot:
+                _plot_videos(summary, analyzer.aus, args.plot)
             print(summary, file=sys.stderr)
             _print_rate(len(images), run["seconds"], run["processes"], run["per_process"])
         return 1 if summary.failed else 0
     analyzer = get_analyzer(args.checkpoint)
-    if args.csv or args.jsonl:
+    if args.csv or args.jsonl or args.plot:
         started = time.perf_counter()
-        summary = analyze_batch(analyzer, images, args.format, args.csv, args.jsonl)
+        summary = analyze_batch(analyzer, images, args.format, args.csv, args.jsonl, fps=args.fps)
+        if args.plot:
+            _plot_videos(summary, analyzer.aus, args.plot)
         print(summary, file=sys.stderr)
         _print_rate(len(images), time.perf_counter() - started, 1, [len(images)])
         return 1 if summary.failed else 0
     failed = 0
     for image in map(str, images):
+        if is_video(image):
+            failed += _print_video(analyzer, image, args)
+            continue
         try:
             outcome = analyzer.analyze(image, args.format)
         except FaceError as error:
@@ -71,6 +82,37 @@ def _print_rate(inputs: int, seconds: float, processes: int, per_process: list):
           f"process(es); inputs per process: {', '.join(map(str, per_process))}", file=sys.stderr)
 
 
+def _print_video(analyzer, video: str, args) -> int:
+    """Prints a line (or a JSON row) per sampled frame and face; returns the number of frames without a result."""
+    from .batch import video_rows
+
+    failed = 0
+    for rows in video_rows(analyzer, video, args.format, args.fps, progress=False):
+        for row in rows:
+            if args.json:
+                print(json.dumps(row))
+            if not row["success"]:
+                failed += 1
+                print(f"{video} frame {row['frame']}: {row['reason']}", file=sys.stderr)
+            elif not args.json:
+                active = [key[:-2] for key, value in row.items() if key.endswith("_c") and value]
+                print(f"{video} t={row['timestamp']:.2f}s frame {row['frame']} face {row['face_id']}: "
+                      f"{', '.join(active) or 'no AU'}")
+    return failed
+
+
+def _plot_videos(summary, aus, target: str):
+    from .plots import au_time_series
+
+    if not summary.video_rows:
+        raise ValueError("--plot draws the AU time series of videos, and no video was given")
+    target = Path(target)
+    for video, rows in summary.video_rows.items():
+        path = target if len(summary.video_rows) == 1 else target.with_name(f"{target.stem}-{Path(video).stem}{target.suffix}")
+        au_time_series(rows, aus, title=Path(video).name).save(path)
+        print(f"time series of {video} written to {path}", file=sys.stderr)
+
+
 def _evaluate(args) -> int:
     from .evaluate import evaluate
     from .service import Analyzer
@@ -92,20 +134,57 @@ def _evaluate(args) -> int:
     return 0
 
 
-def _train(args) -> int:
-    from .train import Trainer, train_config
+def _train_config(args, **extra):
+    """TrainConfig from --config (if any), overridden by the flags given (unset flags are None)."""
+    from .train import train_config
 
     flags = {"manifest": args.manifest, "out": args.out, "images_root": args.images_root, "seed": args.seed,
              "encoder_steps": args.encoder_steps, "projector_steps": args.projector_steps,
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
-             "kinds": tuple(args.kinds.split(",")) if args.kinds else None,
-             "held_out_subjects": tuple(args.hold_out.split(",")) if args.hold_out else None,
-             "tiny_llm": args.tiny or None, "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum,
-             "cpu": args.cpu or None}
-    config = train_config(args.config, **flags)
-    path = Trainer(config).run(resume=not args.no_resume)
+             "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
+             "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None}
+    return train_config(args.config, **flags, **extra)
+
+
+def _train(args) -> int:
+    from .train import Trainer
+
+    held_out = tuple(args.hold_out.split(",")) if args.hold_out else None
+    path = Trainer(_train_config(args, held_out_subjects=held_out)).run(resume=not args.no_resume)
     print(f"checkpoint written to {path}")
     return 0
+
+
+def _crossval(args) -> int:
+    from .crossval import crossval
+
+    summary = crossval(_train_config(args), folds=args.folds, formats=tuple(args.formats),
+                       diagnostics=args.diagnostics)
+    for name, entry in summary["formats"].items():
+        print(f"{name:>10}: average F1 over AUs {entry['average_f1']} (per fold {entry['macro_f1_per_fold']})")
+    print(f"{summary['seconds']} s; report in {Path(args.out) / 'crossval.md'} and crossval.json")
+    return 0
+
+
+def _add_training_options(parser, out_help: str):
+    # no argparse defaults: an unset flag leaves the --config file's value, else TrainConfig's default
+    parser.add_argument("--config", help="a JSON file of TrainConfig fields (e.g. configs/gpu-siglip-base.json); its "
+                        "\"model\" holds the model's (aus, encoder, lora); flags given here override it")
+    parser.add_argument("--manifest", help="required, here or in --config")
+    parser.add_argument("--images-root")
+    parser.add_argument("--out", help=out_help + " (required, here or in --config)")
+    parser.add_argument("--kinds", help="manifest rows to train on (default peak,neutral,near_peak)")
+    parser.add_argument("--encoder-steps", type=int, help="default 1200")
+    parser.add_argument("--projector-steps", type=int, help="default 60")
+    parser.add_argument("--lora-steps", type=int, help="default 150")
+    parser.add_argument("--batch-size", type=int, help="the global batch, whatever the process count (default 8)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per process and step (default 1)")
+    parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                        help="default: accelerate's (launch flag or `accelerate config`), else no")
+    parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
+    parser.add_argument("--seed", type=int, help="default 0")
+    parser.add_argument("--base-llm", help="hub id or folder (default HuggingFaceTB/SmolLM2-135M-Instruct)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random LLM (for tests)")
 
 
 def _push(args) -> int:
@@ -148,12 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m aullava", description="AU-LLaVA: facial Action Units written by an LLM")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    analyze = commands.add_parser("analyze", help="the AUs of every face in one or more images")
-    analyze.add_argument("images", nargs="+", help="image files and/or folders of images")
+    analyze = commands.add_parser("analyze", help="the AUs of every face in images, folders or videos")
+    analyze.add_argument("images", nargs="+", help="image or video files and/or folders of them")
     analyze.add_argument("--format", default="list", choices=format_names())
     analyze.add_argument("--json", action="store_true", help="one JSON line per image")
     analyze.add_argument("--csv", help="write OpenFace-style rows (one per face; failures as success=0) here")
     analyze.add_argument("--jsonl", help="write the same rows as JSON lines here")
+    analyze.add_argument("--fps", type=float, default=5.0, help="frames analysed per second of video (default 5)")
+    analyze.add_argument("--plot", help="save each video's AU time series to this PNG")
     analyze.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")
     analyze.add_argument("--gather-every", type=int, default=16,
                          help="under accelerate launch: inputs per process between two gathers/writes (default 16)")
@@ -170,26 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     train = commands.add_parser("train", help="train encoder, projector and LoRA on a manifest")
-    train.add_argument("--config", help="a JSON file of TrainConfig fields (e.g. configs/gpu-siglip-smollm2-1.7b.json); "
-                       "its \"model\" holds the model's (aus, encoder, lora); flags given here override it")
-    train.add_argument("--manifest", help="required, here or in --config")
-    train.add_argument("--images-root")
-    train.add_argument("--out", help="required, here or in --config")
-    train.add_argument("--kinds", help="rows to train on (default peak,neutral,near_peak)")
+    _add_training_options(train, "run folder: state (resumable), history.json, checkpoint/")
     train.add_argument("--hold-out", help="subjects to leave out, comma-separated")
-    train.add_argument("--encoder-steps", type=int, help="default 1200")
-    train.add_argument("--projector-steps", type=int, help="default 60")
-    train.add_argument("--lora-steps", type=int, help="default 150")
-    train.add_argument("--batch-size", type=int, help="the global batch, whatever the process count (default 8)")
-    train.add_argument("--grad-accum", type=int, help="micro-batches per process and step (default 1)")
-    train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
-                       help="default: accelerate's (launch flag or `accelerate config`), else no")
-    train.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--base-llm", help="hub id or folder (default HuggingFaceTB/SmolLM2-135M-Instruct)")
-    train.add_argument("--tiny", action="store_true", help="a tiny random LLM (for tests)")
     train.add_argument("--no-resume", action="store_true")
     train.set_defaults(run=_train)
+
+    crossval = commands.add_parser("crossval", help="subject-exclusive k-fold cross-validation (train + evaluate)")
+    _add_training_options(crossval, "folder for fold<i>/ runs, crossval.json and crossval.md (resumable)")
+    crossval.add_argument("--folds", type=int, default=3)
+    crossval.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names())
+    crossval.add_argument("--diagnostics", action="store_true",
+                          help="also score the encoder's own head and the live read-out (slower)")
+    crossval.set_defaults(run=_crossval)
 
     manifest = commands.add_parser("manifest", help="turn a dataset's release layout into a manifest CSV")
     manifest.add_argument("--dataset", required=True, choices=["bp4d", "disfa", "feafa", "ckplus"])
@@ -207,6 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--merge", action="store_true",
                        help="merge LoRA into the weights (faster; the app keeps it switchable for chat)")
     bench.add_argument("--no-scaling", action="store_true", help="skip the faces-per-image and image-size runs")
+    bench.add_argument("--batch", action="store_true",
+                       help="instead: throughput of analyze --csv on a folder of photos and on a video")
+    bench.add_argument("--batch-images", type=int, default=200)
+    bench.add_argument("--video-seconds", type=float, default=30)
+    bench.add_argument("--video-fps", type=float, default=5.0, help="frames analysed per second of video")
     bench.add_argument("--out", help="write the figures as JSON")
     bench.set_defaults(run=_bench)
 

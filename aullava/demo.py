@@ -347,9 +347,49 @@ def download_files(session: Session) -> list[str]:
 
 
 def _prune_downloads():
-    files = sorted(_download_dir.glob("aullava-result-*"), key=lambda p: p.stat().st_mtime, reverse=True)
+    files = sorted(_download_dir.glob("aullava-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for stale in files[KEEP_DOWNLOADS:]:
         stale.unlink(missing_ok=True)
+
+
+# ----- video ----------------------------------------------------------------------------------------------
+MAX_VIDEO_FRAMES = 600  # sampled frames one page request may analyse (the command line has no limit)
+
+
+@dataclass
+class VideoAnalysis:
+    summary: str
+    series: Image.Image
+    downloads: list
+
+
+def analyse_video(analyzer, path, format_name: str, fps: float) -> VideoAnalysis:
+    """A video sampled at `fps` frames per second, every face of every sampled frame analysed (tqdm progress,
+    which the page shows): the AU time series of the most seen face and the rows as CSV and JSON lines."""
+    from .batch import analyze_batch
+    from .video import video_info
+
+    if not fps or fps <= 0:
+        raise ValueError("the sampling rate must be above 0 frames per second")
+    info = video_info(path)
+    expected = info.sampled_frames(fps)
+    if expected and expected > MAX_VIDEO_FRAMES:
+        raise ValueError(f"at {fps:g} frames per second this {info.duration:.0f} s video needs {expected} analysed "
+                         f"frames; the web demo analyses at most {MAX_VIDEO_FRAMES}. Lower the rate, or use "
+                         "`python -m aullava analyze VIDEO --csv out.csv` for long videos.")
+    stem = f"aullava-video-{hashlib.sha1(f'{Path(path).name}{time.time()}'.encode()).hexdigest()[:12]}"
+    csv_path, jsonl_path = _download_dir / f"{stem}.csv", _download_dir / f"{stem}.jsonl"
+    batch = analyze_batch(analyzer, [path], format_name, csv_path, jsonl_path, fps=fps)
+    rows = next(iter(batch.video_rows.values()), [])
+    analysed = sum(1 for r in rows if r["success"] == 1)
+    faces = sorted({r["face_id"] for r in rows if r["face_id"] != ""})
+    summary = (f"{batch.video_frames} frames sampled at {fps:g}/s: {analysed} face analyses, "
+               f"{len(faces)} face id(s), {len(batch.failed)} frame(s) without a result")
+    if batch.failed:
+        summary += " (first: " + batch.failed[0][1] + ")"
+    _prune_downloads()
+    series = plots.au_time_series(rows, analyzer.aus, title=Path(path).name)
+    return VideoAnalysis(summary + ".", series, [str(csv_path), str(jsonl_path)])
 
 
 # ----- errors -----------------------------------------------------------------------------------------

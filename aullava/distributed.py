@@ -1,7 +1,7 @@
 """Batch analysis split across processes with accelerate (`accelerate launch ... -m aullava analyze DIR --csv ...`).
 
 The inputs are sharded by index: process r of n analyses inputs r, r+n, r+2n, ... with batch.py's per-input
-`rows_for`. Every `gather_every` inputs per process, the rows are gathered on every process (accelerate's
+`rows_for` (an image) or `video_rows` (all sampled frames of a video, on one process). Every `gather_every` inputs per process, the rows are gathered on every process (accelerate's
 `gather_object`) and the main process writes them in input order, so the CSV / JSON lines are those of a
 single-process run: every input exactly once, failures as success=0 rows, and a crash keeps the rounds already
 written. A failure that is not a face/image error becomes a success=0 row too, so that one bad input cannot
@@ -16,7 +16,8 @@ import torch
 from tqdm import tqdm
 
 from . import formats as fmt_lib
-from .batch import BatchSummary, RowWriter, expand_inputs, rows_for
+from .batch import BatchSummary, RowWriter, expand_inputs, rows_for, video_rows
+from .video import DEFAULT_FPS, is_video
 
 LAUNCHER_WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
@@ -35,16 +36,34 @@ def launched() -> bool:
     return any(name in os.environ for name in LAUNCHER_WORLD_SIZE)
 
 
-def _analyse_one(analyzer, path, frame: int, format_name: str) -> list[dict]:
+def _analyse_one(analyzer, path, frame: int, format_name: str, fps) -> list[list[dict]]:
+    """The row groups of one input, as analyze_batch writes them: one for an image, one per sampled video frame."""
     try:
-        return rows_for(analyzer, path, frame, format_name)
+        if is_video(path):
+            return list(video_rows(analyzer, path, format_name, fps, progress=False))
+        return [rows_for(analyzer, path, frame, format_name)]
     except Exception as error:  # noqa: BLE001 - kept as a failure row, see the module's doc
-        return [{"file": str(path), "frame": frame, "timestamp": 0.0, "format": format_name, "face_id": "",
-                 "confidence": 0.0, "success": 0, "reason": f"analysis failed: {type(error).__name__}: {error}"}]
+        return [[{"file": str(path), "frame": frame, "timestamp": 0.0, "format": format_name, "face_id": "",
+                  "confidence": 0.0, "success": 0, "reason": f"analysis failed: {type(error).__name__}: {error}"}]]
+
+
+def _count(summary: BatchSummary, path, groups):
+    """The summary analyze_batch keeps, for one input."""
+    video = is_video(path)
+    if video:
+        summary.videos += 1
+    else:
+        summary.images += 1
+    for rows in groups:
+        if video:
+            summary.video_rows.setdefault(str(path), []).extend(rows)
+            summary.video_frames += rows[0]["frame"] != ""
+        summary.add(f"{path} frame {rows[0]['frame']}" if video else str(path), rows)
 
 
 def analyze_sharded(analyzer, items, format_name: str = "list", csv_path=None, jsonl_path=None,
-                    gather_every: int = 16, progress: bool = True) -> tuple[BatchSummary, dict]:
+                    fps: float | None = DEFAULT_FPS, gather_every: int = 16,
+                    progress: bool = True) -> tuple[BatchSummary, dict]:
     """Analyse `items` (files and folders) across the launched processes; the main process writes the rows.
 
     Returns, on every process, the summary of all inputs and run facts: `processes`, `per_process` (inputs each
@@ -69,19 +88,20 @@ def analyze_sharded(analyzer, items, format_name: str = "list", csv_path=None, j
     try:
         for round_index in range(rounds):
             batch = mine[round_index * gather_every: (round_index + 1) * gather_every]
-            done = [(i, rank, _analyse_one(analyzer, paths[i], i + 1, format_name)) for i in batch]
+            done = [(i, rank, _analyse_one(analyzer, paths[i], i + 1, format_name, fps)) for i in batch]
             gathered = sorted(gather_object(done), key=lambda item: item[0])
-            for index, owner, rows in gathered:
-                summary.add(paths[index], rows)
+            for index, owner, groups in gathered:
+                _count(summary, paths[index], groups)
                 per_process[owner] += 1
                 if writer:
-                    writer.write(rows)
+                    for rows in groups:
+                        writer.write(rows)
             bar.update(len(gathered))
     finally:
         bar.close()
         if writer:
             writer.close()
-    if summary.images != len(paths):
-        raise RuntimeError(f"{summary.images} of {len(paths)} inputs were analysed: the shards did not cover the list")
+    if sum(per_process) != len(paths):
+        raise RuntimeError(f"{sum(per_process)} of {len(paths)} inputs were analysed: the shards did not cover the list")
     return summary, {"processes": processes, "per_process": per_process, "seconds": time.perf_counter() - started,
                      "main": state.is_main_process}

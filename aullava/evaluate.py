@@ -28,20 +28,47 @@ def presence_metrics(truth: np.ndarray, predicted: np.ndarray, aus, known: np.nd
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         per_au[f"AU{au}"] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                             "support": int(t.sum())}
+                             "support": int(t.sum()), "tp": tp, "fp": fp, "fn": fn}
     scored = [v["f1"] for v in per_au.values() if v["support"] >= MIN_POSITIVES]
     return {"per_au": per_au, "macro_f1": round(float(np.mean(scored)), 4) if scored else None,
             "macro_f1_aus": [k for k, v in per_au.items() if v["support"] >= MIN_POSITIVES]}
 
 
-def intensity_metrics(truth: list, predicted: list) -> dict | None:
-    """Pairs (coded level, predicted level) -> MAE and Pearson r; None without coded labels."""
+def icc_3_1(ratings) -> float | None:
+    """ICC(3,1) of Shrout & Fleiss (two-way mixed, consistency, single rater) for an [n targets, k raters]
+    table; None when it is undefined (fewer than 2 targets or no variance)."""
+    y = np.asarray(ratings, float)
+    n, k = y.shape
+    if n < 2 or k < 2:
+        return None
+    grand = y.mean()
+    ss_rows = k * ((y.mean(1) - grand) ** 2).sum()
+    ss_cols = n * ((y.mean(0) - grand) ** 2).sum()
+    ss_error = ((y - grand) ** 2).sum() - ss_rows - ss_cols
+    ms_rows, ms_error = ss_rows / (n - 1), ss_error / ((n - 1) * (k - 1))
+    denominator = ms_rows + (k - 1) * ms_error
+    return None if denominator <= 0 else float((ms_rows - ms_error) / denominator)
+
+
+def _agreement(t: np.ndarray, p: np.ndarray) -> dict:
+    r = float(np.corrcoef(t, p)[0, 1]) if len(t) > 1 and t.std() > 0 and p.std() > 0 else None
+    icc = icc_3_1(np.stack([t, p], axis=1))
+    return {"pairs": len(t), "mae": round(float(np.abs(t - p).mean()), 4),
+            "pearson_r": None if r is None or math.isnan(r) else round(r, 4),
+            "icc3_1": None if icc is None or math.isnan(icc) else round(icc, 4)}
+
+
+def intensity_metrics(truth: list, predicted: list, aus: list | None = None) -> dict | None:
+    """Pairs (coded level, predicted level), optionally each with its AU -> MAE, Pearson r and ICC(3,1) over
+    all pairs and per AU; None without coded labels."""
     if not truth:
         return None
     t, p = np.asarray(truth, float), np.asarray(predicted, float)
-    r = float(np.corrcoef(t, p)[0, 1]) if t.std() > 0 and p.std() > 0 else None
-    return {"pairs": len(t), "mae": round(float(np.abs(t - p).mean()), 4),
-            "pearson_r": None if r is None or math.isnan(r) else round(r, 4)}
+    out = _agreement(t, p)
+    if aus is not None:
+        tags = np.asarray(aus)
+        out["per_au"] = {f"AU{a}": _agreement(t[tags == a], p[tags == a]) for a in sorted(set(aus))}
+    return out
 
 
 def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), kinds=None,
@@ -75,7 +102,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     presence_by_format = {}
     for format_name in formats:
         predicted = np.zeros_like(truth)
-        parse_failures, gen_seconds, levels_true, levels_pred = [], 0.0, [], []
+        parse_failures, gen_seconds, levels_true, levels_pred, level_aus = [], 0.0, [], [], []
         for start in tqdm(range(0, len(detected), batch_size), desc=format_name, disable=not progress, unit="batch"):
             batch_faces = faces[start:start + batch_size]
             began = time.perf_counter()
@@ -94,11 +121,12 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
                         value = outcome.result.intensity.get(a)
                         levels_true.append(sample.intensities.get(a, 0))
                         levels_pred.append(value or 0.0)
+                        level_aus.append(a)
         metrics = presence_metrics(truth, predicted, aus, known)
         metrics.update({"parse_failures": len(parse_failures), "parse_failure_examples": parse_failures[:5],
                         "seconds_per_image": round((detect_seconds + gen_seconds) / max(1, len(samples)), 4),
                         "generate_seconds_per_face": round(gen_seconds / max(1, len(detected)), 4),
-                        "intensity": intensity_metrics(levels_true, levels_pred)})
+                        "intensity": intensity_metrics(levels_true, levels_pred, level_aus)})
         report["formats"][format_name] = metrics
         presence_by_format[format_name] = predicted
     report["agreement"] = format_agreement(presence_by_format)

@@ -484,6 +484,19 @@ def save_pretrained(model: AULlava, path) -> Path:
     return path
 
 
+def check_repo_id(repo_id: str) -> str:
+    """`owner/name` as the hub allows it, or a ValueError that says what is wrong."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"{repo_id!r} is not a valid hub repo id ('owner/name'): {error}") from None
+    if repo_id.count("/") != 1:
+        raise ValueError(f"{repo_id!r} is not a valid hub repo id: expected 'owner/name'")
+    return repo_id
+
+
 def resolve_checkpoint(name_or_path) -> Path:
     """A local folder, or a hub repo id downloaded (or read from the hub cache) with huggingface_hub."""
     path = Path(name_or_path).expanduser()
@@ -494,8 +507,14 @@ def resolve_checkpoint(name_or_path) -> Path:
     if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
         raise FileNotFoundError(f"no checkpoint folder at {name_or_path} (and it is not a hub repo id 'owner/name')")
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-    local = Path(snapshot_download(repo_id=str(name_or_path), allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    try:
+        local = Path(snapshot_download(repo_id=check_repo_id(str(name_or_path)),
+                                       allow_patterns=["*.json", "*.safetensors", "*.md"]))
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(f"hub repo {name_or_path} is not in the local hub cache and the hub cannot be "
+                                f"reached (offline?): {error}") from None
     if not (local / CONFIG_NAME).is_file():
         raise FileNotFoundError(f"hub repo {name_or_path} holds no {CONFIG_NAME}")
     return local
@@ -540,6 +559,9 @@ def push_to_hub(path, repo_id: str, private: bool = False, token: str | None = N
     """Upload a saved checkpoint folder to the hub; returns the repo URL."""
     from huggingface_hub import HfApi
 
+    check_repo_id(repo_id)
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path} is not a checkpoint folder")
     resolve_checkpoint(path)
     api = HfApi(token=token or os.environ.get("HF_TOKEN"))
     api.create_repo(repo_id, private=private, exist_ok=True)

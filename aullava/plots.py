@@ -131,6 +131,60 @@ def _bar_chart(rows, xmax, xticks, xlabel: str, heading: str, dpi: int, threshol
     return _figure_to_image(fig)
 
 
+# ----- video time series --------------------------------------------------------------------------------
+def au_time_series(rows: list[dict], aus, face_id=None, title: str = "", max_aus: int = 12,
+                   dpi: int = 80) -> Image.Image:
+    """AU curves over a video from batch rows (OpenFace columns): one small panel per AU that is active at
+    least once, top of the face first, on the fixed 0-5 intensity scale (or 0/1 presence when the format
+    writes no intensity). `face_id` picks one face; by default the face seen in most frames."""
+    from .formats import au_code
+
+    # rows as batch yields them or as read back from its CSV (every value a string)
+    faces = [r for r in rows if str(r.get("success")) == "1" and str(r.get("face_id", "")) != ""]
+    if not faces:
+        return message_image("No face was analysed in this video.")
+    if face_id is None:
+        counts: dict = {}
+        for r in faces:
+            counts[str(r["face_id"])] = counts.get(str(r["face_id"]), 0) + 1
+        face_id = max(counts, key=counts.get)
+    track = sorted((r for r in faces if str(r["face_id"]) == str(face_id)), key=lambda r: float(r["timestamp"]))
+    if not track:
+        return message_image(f"Face {face_id} does not appear in this video.")
+    times = np.array([float(r["timestamp"]) for r in track])
+    has_intensity = any(r.get(f"{au_code(a)}_r", "") != "" for r in track for a in aus)
+    active = [a for a in facs.sort_by_region(aus) if any(str(r.get(f"{au_code(a)}_c")) == "1" for r in track)]
+    if not active:
+        return message_image(f"Face {face_id}: no AU active in any of its {len(track)} frames.")
+    shown = active[:max_aus]
+    fig = Figure(figsize=(7.2, 0.9 + 0.62 * len(shown)), dpi=dpi)
+    axes = fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, a in zip(axes, shown):
+        code = au_code(a)
+        if has_intensity:
+            values = np.array([float(r.get(f"{code}_r") or 0.0) for r in track])
+            ax.set_ylim(0, MAX_INTENSITY)
+            ax.set_yticks([0, MAX_INTENSITY])
+        else:
+            values = np.array([float(r.get(f"{code}_c") or 0) for r in track])
+            ax.set_ylim(-0.05, 1.05)
+            ax.set_yticks([0, 1])
+        ax.fill_between(times, values, step="mid", color=ACTIVE_COLOR, alpha=0.35, linewidth=0)
+        ax.step(times, values, where="mid", color=ACTIVE_COLOR, linewidth=1.2)
+        ax.set_ylabel(facs.au_label(a), rotation=0, ha="right", va="center", fontsize=8)
+        ax.tick_params(labelsize=7)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    axes[-1].set_xlabel("time (s)", fontsize=8)
+    scale = "intensity 0-5 as written by the model" if has_intensity else "presence as written by the model"
+    more = f"; {len(active) - len(shown)} more AUs not shown" if len(active) > len(shown) else ""
+    fig.suptitle(f"{title + ' - ' if title else ''}face {face_id}, {len(track)} frames, {scale}{more}",
+                 x=0.02, ha="left", fontsize=9)
+    fig.subplots_adjust(left=0.36, right=0.98, top=1 - 0.5 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
+                        hspace=0.35)
+    return _figure_to_image(fig)
+
+
 def message_image(text: str, size=(512, 160)) -> Image.Image:
     """A plain picture holding a short message (for an empty chart slot)."""
     image = Image.new("RGB", size, "white")

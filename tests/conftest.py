@@ -50,5 +50,26 @@ def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared data not on this machine)")
 
 
+def write_video(path, image, seconds=3, rate=10, size=(256, 320)):
+    """An mp4 of `image` drifting sideways, encoded by FFmpeg through PyAV (as a camera file would be)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    image = image.convert("RGB").resize(size)
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        stream.gop_size = 5
+        for i in range(seconds * rate):
+            frame = Image.new("RGB", size)
+            frame.paste(image, (int(6 * np.sin(i / 5)), 0))
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts several processes (about a minute or two); -m 'not slow' skips it")

@@ -232,6 +232,41 @@ def test_several_faces_are_numbered_and_selectable(server, images):
 
 
 # ----- chat -----------------------------------------------------------------------------------------------
+def test_video_tab_analyses_a_video_into_a_time_series_and_rows(shared_client, tmp_path):
+    import csv
+
+    from PIL import Image
+    from gradio_client import handle_file
+
+    from conftest import write_video
+
+    video = write_video(tmp_path / "clip.mp4", Image.open(grace_hopper_path()), seconds=2)
+    status, series, downloads = shared_client.predict(handle_file(str(video)), "list", 2,
+                                                      api_name="/analyse_video")
+    assert status.startswith("4 frames sampled at 2/s: 4 face analyses, 1 face id(s), 0 frame(s) without a result")
+    assert Image.open(series).width > 300
+    table = next(path for path in downloads if path.endswith(".csv"))
+    rows = list(csv.DictReader(open(table)))
+    assert [r["frame"] for r in rows] == ["1", "6", "11", "16"] and {r["face_id"] for r in rows} == {"0"}
+    fake = tmp_path / "notes.mp4"
+    fake.write_text("not a video")
+    status, series, downloads = shared_client.predict(handle_file(str(fake)), "list", 2,
+                                                      api_name="/analyse_video")
+    assert "not a video that can be decoded" in status and series is None and "/" not in status.split(":")[0]
+
+
+def test_video_longer_than_the_page_limit_is_refused_plainly(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from aullava import demo
+    from conftest import write_video
+
+    video = write_video(tmp_path / "long.mp4", Image.open(grace_hopper_path()), seconds=2)
+    monkeypatch.setattr(demo, "MAX_VIDEO_FRAMES", 10)
+    with pytest.raises(ValueError, match="needs 20 analysed frames; the web demo analyses at most 10"):
+        demo.analyse_video(None, str(video), "list", 10)
+
+
 def test_chat_before_any_analysis_says_so(server):
     from aullava.chat import NO_ANALYSIS
 

@@ -57,4 +57,4 @@ def test_analyze_a_folder_to_openface_style_csv_keeps_every_image(capsys, tmp_pa
     assert face["AU12_c"] in (0, 1) and 0 <= face["AU12_r"] <= 5
     assert (face["AU12_c"] == 1) == (face["AU12_r"] > 0)
     assert len(lines.read_text().splitlines()) == 3
-    assert "3 image(s), 1 face(s) analysed, 2 image(s) without a result" in err
+    assert "3 image(s), 1 face(s) analysed, 2 without a result" in err

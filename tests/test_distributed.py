@@ -105,20 +105,26 @@ def test_sharded_analysis_writes_the_single_process_rows(runs, tiny_manifest, tm
     from PIL import Image
 
     Image.fromarray(np.add.outer(np.arange(120), np.arange(160)).astype(np.uint8)).save(folder / "d_gradient.png")
+    from conftest import write_video
+
+    write_video(folder / "e_clip.mp4", Image.open(folder / "face0.png"), seconds=1)  # one input, its frames on one process
     outputs = {}
     for processes in (1, 2):
         csv_path, jsonl_path = tmp_path / f"{processes}.csv", tmp_path / f"{processes}.jsonl"
         done = _run(["analyze", str(folder), "--checkpoint", str(checkpoint), "--format", "intensity", "--csv",
                      str(csv_path), "--jsonl", str(jsonl_path), "--gather-every", "2"], processes)
         assert done.returncode == 1, done.stderr[-3000:]  # two inputs without a result, as alone
-        assert "7 image(s), 5 face(s) analysed, 2 image(s) without a result" in done.stderr
+        summary = done.stderr[done.stderr.index("7 image(s), "):].splitlines()[0]
+        assert "of 1 video(s)" in summary and "without a result" in summary
         shares = re.search(r"on (\d+) process\(es\); inputs per process: ([\d, ]+)", done.stderr)
         assert shares and int(shares.group(1)) == processes, done.stderr[-2000:]
-        assert [int(n) for n in shares.group(2).split(",")] == ([7] if processes == 1 else [4, 3])
-        outputs[processes] = csv_path.read_text(), jsonl_path.read_text()
+        assert [int(n) for n in shares.group(2).split(",")] == ([8] if processes == 1 else [4, 4])
+        outputs[processes] = csv_path.read_text(), jsonl_path.read_text(), summary
     assert outputs[2] == outputs[1]
-    lines = outputs[1][0].splitlines()
-    assert len(lines) == 8 and [line.split(",")[1] for line in lines[1:]] == [str(i) for i in range(1, 8)]
     rows = [json.loads(line) for line in outputs[1][1].splitlines()]
-    assert [r["success"] for r in rows] == [0, 0, 1, 1, 1, 1, 1]
+    images = [r for r in rows if not r["file"].endswith(".mp4")]  # sorted: c_, d_, e_clip.mp4 (input 3), face*
+    assert [r["frame"] for r in images] == [1, 2, 4, 5, 6, 7, 8]
+    assert [r["success"] for r in images] == [0, 0, 1, 1, 1, 1, 1]
+    video = [r for r in rows if r["file"].endswith(".mp4")]
+    assert len(video) >= 4 and rows[2:2 + len(video)] == video
     assert "not an image" in rows[0]["reason"] and "No face" in rows[1]["reason"]

@@ -1,0 +1,48 @@
+"""Cross-validation: ICC(3,1) against its published example, and a tiny end-to-end k-fold run that resumes."""
+import json
+
+import numpy as np
+import pytest
+
+from aullava.evaluate import icc_3_1, intensity_metrics
+
+
+def test_icc_3_1_matches_shrout_and_fleiss():
+    # Shrout & Fleiss (1979), Table 2: 6 targets rated by 4 judges; ICC(3,1) = 0.71
+    ratings = [[9, 2, 5, 8], [6, 1, 3, 2], [8, 4, 6, 8], [7, 1, 2, 6], [10, 5, 6, 9], [6, 2, 4, 7]]
+    assert icc_3_1(ratings) == pytest.approx(0.7148, abs=1e-4)
+    truth = np.array([0, 1, 2, 3, 4, 5], float)
+    assert icc_3_1(np.stack([truth, truth + 1], 1)) == pytest.approx(1.0)  # consistency ignores an offset
+    assert icc_3_1([[1, 1], [1, 1]]) is None  # no variance: undefined, not 0 or 1
+
+
+def test_intensity_metrics_per_au():
+    report = intensity_metrics([0, 2, 4, 1, 3], [0, 2, 4, 3, 1], aus=[12, 12, 12, 6, 6])
+    assert report["per_au"]["AU12"]["mae"] == 0 and report["per_au"]["AU12"]["icc3_1"] == pytest.approx(1.0)
+    assert report["per_au"]["AU6"]["pairs"] == 2 and report["per_au"]["AU6"]["mae"] == 2
+    assert report["per_au"]["AU6"]["icc3_1"] < 0  # opposite ratings
+    assert intensity_metrics([], []) is None
+
+
+def test_crossval_command_runs_every_fold_and_resumes(tiny_manifest, tmp_path, capsys):
+    from aullava.cli import main
+
+    out = tmp_path / "cv"
+    args = ["crossval", "--manifest", str(tiny_manifest), "--out", str(out), "--folds", "3", "--tiny",
+            "--encoder-steps", "6", "--projector-steps", "2", "--lora-steps", "2", "--batch-size", "2",
+            "--formats", "list", "binary", "intensity"]
+    assert main(args) == 0
+    summary = json.loads((out / "crossval.json").read_text())
+    held_out = [json.loads((out / f"fold{i}" / "metrics.json").read_text())["held_out"] for i in range(3)]
+    assert sorted(s for fold in held_out for s in fold) == ["S0", "S1", "S2"]  # each subject tested exactly once
+    assert summary["images_per_fold"] == [2, 2, 2]
+    for name in ("list", "binary", "intensity"):
+        entry = summary["formats"][name]
+        assert len(entry["per_au"]["AU12"]["f1_per_fold"]) == 3
+        assert sum(v["support"] for v in entry["per_au"].values()) == 13  # every positive label, counted once
+    assert "ICC(3,1)" in (out / "crossval.md").read_text() and "| AU12 | lip corner puller" in (out / "crossval.md").read_text()
+    first = (out / "crossval.md").read_text()
+    # a second run reads every fold back instead of retraining, and writes the same report
+    assert main(args) == 0
+    assert "already evaluated" in capsys.readouterr().out
+    assert (out / "crossval.md").read_text() == first
