@@ -247,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--merge", action="store_true",
                        help="merge LoRA into the weights (faster; the app keeps it switchable for chat)")
     bench.add_argument("--no-scaling", action="store_true", help="skip the faces-per-image and image-size runs")
+    bench.add_argument("--batch", action="store_true",
+                       help="instead: throughput of analyze --csv on a folder of photos and on a video")
+    bench.add_argument("--batch-images", type=int, default=200)
+    bench.add_argument("--video-seconds", type=float, default=30)
+    bench.add_argument("--video-fps", type=float, default=5.0, help="frames analysed per second of video")
     bench.add_argument("--out", help="write the figures as JSON")
     bench.set_defaults(run=_bench)
 
