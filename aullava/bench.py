@@ -165,6 +165,68 @@ def run(checkpoint: str | None = None, image: str | None = None, formats=("list"
     return report
 
 
+def write_photo_folder(photo: Image.Image, folder: Path, count: int) -> list[Path]:
+    """`count` VGA JPEGs of the photo, each a little different (mirror, shift, brightness), as a lab's folder."""
+    from PIL import ImageEnhance, ImageOps
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index in range(count):
+        variant = ImageOps.mirror(photo) if index % 2 else photo
+        variant = ImageEnhance.Brightness(variant).enhance(0.8 + 0.4 * ((index * 7) % 10) / 10)
+        canvas = on_canvas(variant, SIZES["VGA"]).rotate(0, translate=((index % 5) * 8 - 16, 0), fillcolor=(128,) * 3)
+        path = folder / f"photo_{index:04d}.jpg"
+        canvas.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def write_video(photo: Image.Image, path: Path, seconds: float, rate: int = 25) -> Path:
+    """An H.264/MPEG-4 VGA video of the photo drifting sideways, encoded by FFmpeg through PyAV."""
+    import av
+
+    base = on_canvas(photo, SIZES["VGA"])
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("mpeg4", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = base.width, base.height, "yuv420p"
+        for index in range(int(seconds * rate)):
+            frame = base.rotate(0, translate=(int(20 * np.sin(index / 12)), 0), fillcolor=(128,) * 3)
+            for packet in stream.encode(av.VideoFrame.from_image(frame)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def batch_throughput(analyzer, photo: Image.Image, folder: Path, images: int = 200, video_seconds: float = 30,
+                     fps: float = 5.0, format_name: str = "list", log=print) -> dict:
+    """Items per second of `analyze --csv` on a folder of `images` photos and on a `video_seconds` video
+    sampled at `fps`, rows written to CSV as the command line does."""
+    from .batch import analyze_batch
+
+    report = {"format": format_name}
+    if images:
+        write_photo_folder(photo, folder / "photos", images)
+        started = time.perf_counter()
+        summary = analyze_batch(analyzer, [folder / "photos"], format_name, folder / "photos.csv", progress=False)
+        seconds = time.perf_counter() - started
+        report["images"] = {"count": summary.images, "faces": summary.faces, "failed": len(summary.failed),
+                            "seconds": seconds, "per_second": summary.images / seconds}
+        log(f"{summary.images} photos: {seconds:.1f} s, {summary.images / seconds:.2f} images/s")
+    if video_seconds:
+        video = write_video(photo, folder / "clip.mp4", video_seconds)
+        started = time.perf_counter()
+        summary = analyze_batch(analyzer, [video], format_name, folder / "video.csv", progress=False, fps=fps)
+        seconds = time.perf_counter() - started
+        report["video"] = {"seconds_of_video": video_seconds, "sampled_fps": fps, "frames": summary.video_frames,
+                           "faces": summary.faces, "failed": len(summary.failed), "seconds": seconds,
+                           "frames_per_second": summary.video_frames / seconds,
+                           "video_seconds_per_second": video_seconds / seconds}
+        log(f"{video_seconds:g} s video at {fps:g} frames/s: {summary.video_frames} frames in {seconds:.1f} s, "
+            f"{summary.video_frames / seconds:.2f} frames/s ({video_seconds / seconds:.2f}x real time)")
+    return report
+
+
 def _cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -201,7 +263,19 @@ def format_report(report: dict) -> str:
 
 
 def main(args) -> int:
-    report = run(args.checkpoint, args.image, tuple(args.formats), args.repeats, not args.no_scaling, args.merge)
+    if args.batch:
+        import tempfile
+
+        from .service import Analyzer
+
+        analyzer = Analyzer(args.checkpoint)
+        photo = Image.open(args.image or sample_photo()).convert("RGB")
+        with tempfile.TemporaryDirectory() as folder:
+            report = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
+                      **batch_throughput(analyzer, photo, Path(folder), args.batch_images, args.video_seconds,
+                                         args.video_fps, args.formats[0])}
+    else:
+        report = run(args.checkpoint, args.image, tuple(args.formats), args.repeats, not args.no_scaling, args.merge)
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2))
         print(f"written {args.out}")

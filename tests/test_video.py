@@ -99,3 +99,16 @@ def test_time_series_plot_reads_csv_rows(tmp_path):
     drawn = np.asarray(au_time_series(rows, (4, 12)))
     blank = np.asarray(au_time_series([{**r, "success": "0"} for r in rows], (4, 12)))
     assert drawn.shape[0] > 100 and drawn.shape != blank.shape  # one AU panel vs a "no face" message
+
+
+def test_batch_throughput_benchmark_counts_every_item(tmp_path, grace_hopper):
+    pandas = pytest.importorskip("pandas")
+    from aullava.bench import batch_throughput
+    from aullava.service import get_analyzer
+
+    report = batch_throughput(get_analyzer(), Image.open(grace_hopper).convert("RGB"), tmp_path, images=3,
+                              video_seconds=1, fps=2, log=lambda *_: None)
+    assert report["images"]["count"] == 3 and report["images"]["failed"] == 0 and report["images"]["per_second"] > 0
+    assert report["video"]["frames"] == 2 and report["video"]["faces"] == 2
+    table = pandas.read_csv(tmp_path / "video.csv")  # 25 frames/s: the frame at or after 0.5 s is at 0.52 s
+    assert list(table.timestamp) == [0.0, 0.52] and {"AU12_c", "AU12_r", "face_id"} <= set(table.columns)
