@@ -120,7 +120,8 @@ def _evaluate(args) -> int:
     analyzer = Analyzer(args.checkpoint)
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
     subjects = args.subjects.split(",") if args.subjects else None
-    report = evaluate(analyzer, args.manifest, args.images_root, tuple(args.formats), kinds, subjects)
+    manifest = args.manifest[0] if len(args.manifest) == 1 else args.manifest
+    report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects)
     report["checkpoint"] = str(analyzer.checkpoint)
     Path(args.out).write_text(json.dumps(report, indent=2))
     for name, metrics in report["formats"].items():
@@ -138,7 +139,8 @@ def _train_config(args, **extra):
     """TrainConfig from --config (if any), overridden by the flags given (unset flags are None)."""
     from .train import train_config
 
-    flags = {"manifest": args.manifest, "out": args.out, "images_root": args.images_root, "seed": args.seed,
+    manifest = args.manifest[0] if args.manifest and len(args.manifest) == 1 else args.manifest
+    flags = {"manifest": manifest, "out": args.out, "images_root": args.images_root, "seed": args.seed,
              "encoder_steps": args.encoder_steps, "projector_steps": args.projector_steps,
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
@@ -170,7 +172,8 @@ def _add_training_options(parser, out_help: str):
     # no argparse defaults: an unset flag leaves the --config file's value, else TrainConfig's default
     parser.add_argument("--config", help="a JSON file of TrainConfig fields (e.g. configs/gpu-siglip-base.json); its "
                         "\"model\" holds the model's (aus, encoder, lora); flags given here override it")
-    parser.add_argument("--manifest", help="required, here or in --config")
+    parser.add_argument("--manifest", nargs="+", help="one CSV, or one per dataset (each image is asked only the AUs "
+                        "its dataset codes); required, here or in --config")
     parser.add_argument("--images-root")
     parser.add_argument("--out", help=out_help + " (required, here or in --config)")
     parser.add_argument("--kinds", help="manifest rows to train on (default peak,neutral,near_peak)")
@@ -241,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(run=_analyze)
 
     evaluate = commands.add_parser("evaluate", help="per-AU metrics of the model on a labelled manifest")
-    evaluate.add_argument("--manifest", required=True)
+    evaluate.add_argument("--manifest", required=True, nargs="+", help="one CSV or several (e.g. one per dataset)")
     evaluate.add_argument("--images-root")
     evaluate.add_argument("--checkpoint")
     evaluate.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names())

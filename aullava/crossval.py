@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import facs
-from .data.manifest import read_manifest, subject_folds
+from .data.manifest import read_manifests, subject_folds
 from .evaluate import MIN_POSITIVES, evaluate
 from .train import Trainer, TrainConfig
 
@@ -28,7 +28,7 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
     crossval.md. `config` is the training recipe; its held-out subjects are set per fold."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    samples = read_manifest(config.manifest, config.images_root)
+    samples = read_manifests(config.manifest, config.images_root)
     groups = subject_folds(samples, folds, seed=config.seed)
     reports, started = [], time.perf_counter()
     for index, held_out in enumerate(groups):

@@ -9,7 +9,7 @@ from itertools import combinations
 import numpy as np
 from tqdm import tqdm
 
-from .data.manifest import read_manifest
+from .data.manifest import read_manifests
 from .face import FaceError, load_image
 
 MIN_POSITIVES = 10  # AUs with fewer positives are listed but left out of macro F1
@@ -76,7 +76,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     """Metrics of the model's written answers per format. With `diagnostics`, also (labelled apart, never as
     the model's answer) its encoder's own per-AU head and the fast read-out of the live mode: what the
     features know, and how much of it the writing keeps."""
-    samples = read_manifest(manifest, images_root, kinds=kinds)
+    samples = read_manifests(manifest, images_root, kinds=kinds)
     if kinds is None:
         samples = [s for s in samples if s.kind != "near_peak"]
     if subjects:
@@ -94,7 +94,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
         detect_seconds += time.perf_counter() - started
     # Undetected images count as "no AU" predictions in the metrics: the tool gave no answer for them.
     truth = np.array([[a in s.aus for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
-    known = np.array([[a not in s.unknown for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
+    known = np.array([[s.is_known(a) for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
     index_of = {id(s): i for i, s in enumerate(samples)}
     report = {"images": len(samples), "faces_detected": len(detected),
               "detection_rate": round(len(detected) / len(samples), 4), "undetected": failures[:50],

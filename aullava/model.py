@@ -129,11 +129,12 @@ class AULlava(nn.Module):
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     # ----- prompt ------------------------------------------------------------------------------------
-    def prompt_parts(self, format_name: str) -> tuple[str, str]:
-        """The ChatML text before and after the image for a format's instruction."""
+    def prompt_parts(self, format_name: str, aus=None) -> tuple[str, str]:
+        """The ChatML text before and after the image for a format's instruction about `aus` (default: all the
+        model's AUs; a dataset that codes fewer is asked only about those)."""
         from .llm import chat_prompt
 
-        instruction = fmt_lib.get_format(format_name).instruction(self.config.aus)
+        instruction = fmt_lib.get_format(format_name).instruction(self._asked(aus))
         text = chat_prompt(self.tokenizer, [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}],
                            system=self.config.system_prompt)
         before, after = text.split(IMAGE_PLACEHOLDER)
@@ -183,18 +184,28 @@ class AULlava(nn.Module):
     def invalidate_prefix_cache(self):
         self._prefix_cache.clear()
 
-    def _prefix(self, format_name: str, reuse: bool = True):
-        """(prefix length, per-layer (key, value) tensors of batch 1, suffix token ids) for a format."""
-        if reuse and format_name in self._prefix_cache:
-            return self._prefix_cache[format_name]
-        before, after = self.prompt_parts(format_name)
+    def _asked(self, aus) -> tuple[int, ...]:
+        if aus is None:
+            return self.config.aus
+        aus = tuple(aus)
+        if not aus or not set(aus) <= set(self.config.aus):
+            raise ValueError(f"the AUs asked {list(aus)} must be a non-empty subset of the model's {list(self.config.aus)}")
+        return tuple(a for a in self.config.aus if a in aus)  # in the model's order
+
+    def _prefix(self, format_name: str, reuse: bool = True, aus=None):
+        """(prefix length, per-layer (key, value) tensors of batch 1, suffix token ids) for a format (and the
+        AUs it asks about)."""
+        key = (format_name, self._asked(aus))
+        if reuse and key in self._prefix_cache:
+            return self._prefix_cache[key]
+        before, after = self.prompt_parts(format_name, aus)
         prefix_ids = torch.tensor([self.encode(before)], device=self.device)
         with torch.no_grad():
             out = self._causal_lm().get_decoder()(input_ids=prefix_ids, use_cache=True)
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         entry = (prefix_ids.shape[1], kv, self.encode(after))
         if reuse:
-            self._prefix_cache[format_name] = entry
+            self._prefix_cache[key] = entry
         return entry
 
     @staticmethod
@@ -212,10 +223,11 @@ class AULlava(nn.Module):
                                                position_ids=position_ids, past_key_values=cache,
                                                use_cache=True).last_hidden_state
 
-    def _answer_hidden(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool):
+    def _answer_hidden(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool,
+                       aus=None):
         """Teacher-forced last hidden states of image + suffix + answers (right-padded), the position that
         predicts each answer's first token, and the encoder's per-AU logits."""
-        prefix_len, kv, suffix = self._prefix(format_name, reuse=reuse_prefix)
+        prefix_len, kv, suffix = self._prefix(format_name, reuse=reuse_prefix, aus=aus)
         batch = chip.shape[0]
         image, au_logits = self.image_embeddings(chip, landmarks)
         width = max(len(a) for a in answers)
@@ -235,7 +247,7 @@ class AULlava(nn.Module):
         return hidden, image.shape[1] + len(suffix) - 1, au_logits
 
     def answer_loss(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool = False,
-                    choices: list[list[tuple | None]] | None = None, reduction: str = "mean"):
+                    choices: list[list[tuple | None]] | None = None, reduction: str = "mean", aus=None):
         """Cross-entropy of the answers (teacher forcing) and the encoder's per-AU logits.
 
         Without `choices`: every answer token over the whole vocabulary. With `choices` (per answer token the
@@ -249,7 +261,7 @@ class AULlava(nn.Module):
         if choices is not None:
             last = [max([i + 1 for i, c in enumerate(cs) if c is not None], default=0) for cs in choices]
             answers = [a[:n] for a, n in zip(answers, last)]
-        hidden, start, au_logits = self._answer_hidden(chip, landmarks, format_name, answers, reuse_prefix)
+        hidden, start, au_logits = self._answer_hidden(chip, landmarks, format_name, answers, reuse_prefix, aus)
         rows, cols, targets, alternatives = [], [], [], []
         for row, answer in enumerate(answers):
             for i, token in enumerate(answer):
@@ -318,7 +330,7 @@ class AULlava(nn.Module):
         are fed, never predicted."""
         fmt = fmt_lib.get_format(format_name)
         text = fmt.render(result)
-        ids, decisive, pos, plan = [], [], 0, fmt.plan(self.config.aus)
+        ids, decisive, pos, plan = [], [], 0, fmt.plan(result.aus)  # the AUs asked: all, or a dataset's
         item = next(plan)
         while True:
             if isinstance(item, fmt_lib.Forced):
@@ -352,14 +364,14 @@ class AULlava(nn.Module):
         return _OptionTrie({o: ([self.eos_id] if o is fmt_lib.END else self.encode(o)) for o in options})
 
     @torch.no_grad()
-    def generate(self, chip, landmarks, format_name: str) -> list[Generation]:
+    def generate(self, chip, landmarks, format_name: str, aus=None) -> list[Generation]:
         """Write the answer for each face in the batch, following the format's plan."""
         with self._lock:
-            return self._generate(chip, landmarks, format_name)
+            return self._generate(chip, landmarks, format_name, self._asked(aus))
 
-    def _generate(self, chip, landmarks, format_name):
+    def _generate(self, chip, landmarks, format_name, aus):
         fmt = fmt_lib.get_format(format_name)
-        prefix_len, kv, suffix = self._prefix(format_name)
+        prefix_len, kv, suffix = self._prefix(format_name, aus=aus)
         batch, device = chip.shape[0], self.device
         image, _ = self.image_embeddings(chip.to(device, torch.float32), landmarks.to(device, torch.float32))
         embed = self._causal_lm().get_input_embeddings()
@@ -372,7 +384,7 @@ class AULlava(nn.Module):
         hidden = self._decode(embeds, mask, positions, cache)
         last_logits = self._causal_lm().get_output_embeddings()(hidden[:, -1]).float()
 
-        rows = [_PlanState(fmt.plan(self.config.aus)) for _ in range(batch)]
+        rows = [_PlanState(fmt.plan(aus)) for _ in range(batch)]
         for row in rows:
             row.advance(self, None)
         while True:

@@ -69,16 +69,18 @@ class Analyzer:
         rgb = load_image(image)
         return rgb, self.detector.detect(rgb)
 
-    def describe(self, faces: list[Face], format_name: str) -> list[FaceResult]:
-        """The model's answer for already detected faces, parsed by the format."""
+    def describe(self, faces: list[Face], format_name: str, aus=None) -> list[FaceResult]:
+        """The model's answer for already detected faces, parsed by the format; `aus` asks about a subset of
+        the model's AUs (e.g. the ones a dataset codes), default all."""
         fmt = fmt_lib.get_format(format_name)
         chip, landmarks = self._tensors(faces)
+        asked = self.model._asked(aus)
         with self.lock:
-            generations = self.model.generate(chip, landmarks, format_name)
+            generations = self.model.generate(chip, landmarks, format_name, asked)
         results = []
         for face, generation in zip(faces, generations):
             try:
-                parsed, error = fmt.parse(generation.text, self.aus), None
+                parsed, error = fmt.parse(generation.text, asked), None
             except fmt_lib.FormatParseError as failure:
                 parsed, error = None, f"the model's answer could not be read as {format_name}: {failure.reason}"
             results.append(FaceResult(face, format_name, generation.text, parsed, error,

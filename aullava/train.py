@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import formats as fmt_lib
 from .data.faces import face_batch, prepare_faces
 from .distributed import use_cpu
-from .data.manifest import default_intensities, read_manifest
+from .data.manifest import default_intensities, read_manifests
 from .model import AULlava, AULlavaConfig, save_pretrained
 
 # How often each format is drawn for a training batch.
@@ -40,7 +40,7 @@ STAGES = ("encoder", "projector", "lora")
 
 @dataclass
 class TrainConfig:
-    manifest: str
+    manifest: str | list  # one manifest CSV, or several (e.g. one per dataset)
     out: str
     images_root: str | None = None
     kinds: tuple = ("peak", "neutral", "near_peak")
@@ -121,7 +121,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         model_config = AULlavaConfig(base_llm=config.base_llm, **config.model)
         self.model = self._build_model(model_config).to(self.device)
-        samples = read_manifest(config.manifest, config.images_root, kinds=config.kinds)
+        samples = read_manifests(config.manifest, config.images_root, kinds=config.kinds)
         if config.held_out_subjects:
             samples = [s for s in samples if s.subject not in set(config.held_out_subjects)]
         self.table = prepare_faces(samples)
@@ -129,11 +129,18 @@ class Trainer:
             raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
         self.aus = model_config.aus
         self.labels = _labels(self.table, self.aus)
-        self.known = torch.tensor([[float(a not in s.unknown) for a in self.aus] for s in self.table.samples])
-        # Answers state every asked AU, so they are taught only from images whose asked AUs are all known.
-        self.answerable = np.flatnonzero(self.known.min(1).values.numpy() > 0)
-        if len(self.answerable) == 0:
-            raise ValueError("no training image has all of the model's AUs labelled; cannot teach answers")
+        self.known = torch.tensor([[float(s.is_known(a)) for a in self.aus] for s in self.table.samples])
+        # As the paper does for mixed datasets, each image is asked only about the AUs it has labels for (its
+        # dataset's AU set minus unknown labels). A batch shares one prompt, so images are grouped by that set.
+        groups: dict[tuple, list[int]] = {}
+        for index, row in enumerate(self.known.numpy() > 0):
+            asked = tuple(a for a, known in zip(self.aus, row) if known)
+            if asked:
+                groups.setdefault(asked, []).append(index)
+        if not groups:
+            raise ValueError("no training image has a label for any of the model's AUs; cannot teach answers")
+        self.answer_groups = sorted(((asked, np.array(rows)) for asked, rows in groups.items()),
+                                    key=lambda group: (-len(group[1]), group[0]))
         self.default_levels = default_intensities(self.table.samples, self.aus)
         positives = (self.labels * self.known).sum(0)
         self.pos_weight = ((len(self.labels) - positives) / positives.clamp(min=1)).sqrt().clamp(max=4.0).to(self.device)
@@ -168,10 +175,11 @@ class Trainer:
             self.model.add_lora()
 
     # ----- targets -----------------------------------------------------------------------------------
-    def result_for(self, sample) -> fmt_lib.AUResult:
-        active = [a for a in self.aus if a in sample.aus]
+    def result_for(self, sample, asked=None) -> fmt_lib.AUResult:
+        asked = asked or self.aus
+        active = [a for a in asked if a in sample.aus]
         levels = {a: sample.intensities.get(a, self.default_levels[a]) for a in active}
-        return fmt_lib.AUResult.from_active(self.aus, active, levels)
+        return fmt_lib.AUResult.from_active(asked, active, levels)
 
     # ----- one step ----------------------------------------------------------------------------------
     def _aux_loss(self, logits, indices, reduction: str = "mean"):
@@ -217,9 +225,15 @@ class Trainer:
         names = [f for f in self.config.formats]
         weights = np.array([FORMAT_WEIGHTS.get(f, 1) for f in names], dtype=float)
         format_name = names[rng.choice(len(names), p=weights / weights.sum())]
-        indices = self.answerable[rng.choice(len(self.answerable), size=batch_size, replace=True)]
+        if len(self.answer_groups) == 1:
+            asked, pool = self.answer_groups[0]
+        else:  # a group (AU set) in proportion to its images
+            sizes = np.array([len(rows) for _, rows in self.answer_groups], dtype=float)
+            asked, pool = self.answer_groups[rng.choice(len(sizes), p=sizes / sizes.sum())]
+        indices = pool[rng.choice(len(pool), size=batch_size, replace=True)]
         chip, landmarks = face_batch(self.table, indices, self.model.config.chip_size, rng)
-        targets = [self.model.answer_targets(format_name, self.result_for(self.table.samples[i])) for i in indices]
+        targets = [self.model.answer_targets(format_name, self.result_for(self.table.samples[i], asked))
+                   for i in indices]
         answers = [ids for ids, _ in targets]
         # Only the decoder's choices carry a loss, each among its alternatives: forced text is fed at inference,
         # never predicted, and in the vector formats it outnumbers the decisions 4 to 1, diluting their gradient.
@@ -233,12 +247,12 @@ class Trainer:
                 lm_sum, logits = self.model.answer_loss(
                     chip[part].to(self.device), landmarks[part].to(self.device), format_name,
                     [answers[i] for i in part], choices=None if choices is None else [choices[i] for i in part],
-                    reduction="sum")
+                    reduction="sum", aus=asked)
             return {"lm": lm_sum, "aux": self._aux_loss(logits, indices[part], reduction="sum")}
 
         counts = {"lm": float(max(1, scored)), "aux": float(self.known[indices].sum().clamp(min=1))}
         means = self._accumulate(micro_loss, batch_size, counts, {"lm": 1.0, "aux": self.config.aux_weight})
-        return means["lm"] + self.config.aux_weight * means["aux"], {**means, "format": format_name}
+        return means["lm"] + self.config.aux_weight * means["aux"], {**means, "format": format_name, "asked_aus": len(asked)}
 
     # ----- across processes --------------------------------------------------------------------------
     def _flat_reduce(self, tensors: list, reduction: str) -> list:

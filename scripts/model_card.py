@@ -1,7 +1,9 @@
 """Writes the model card of a checkpoint from its training provenance, an `evaluate` report and, optionally,
 the encoder's k-fold cross-validation (scripts/encoder_cv.py).
 
-    python scripts/model_card.py CHECKPOINT_DIR metrics.json [cv.json]
+    python scripts/model_card.py CHECKPOINT_DIR metrics.json [cv.json [CROSSVAL_DIR]]
+
+CROSSVAL_DIR is the --out folder of `python -m aullava crossval` (its crossval.json and crossval.md).
 """
 import json
 import sys
@@ -11,6 +13,7 @@ checkpoint, metrics_path = Path(sys.argv[1]), Path(sys.argv[2])
 config = json.loads((checkpoint / "aullava_config.json").read_text())
 report = json.loads(metrics_path.read_text())
 cv = json.loads(Path(sys.argv[3]).read_text()) if len(sys.argv) > 3 else None
+crossval_dir = Path(sys.argv[4]) if len(sys.argv) > 4 else None
 training = config.get("training", {})
 train_config = training.get("train_config", {})
 held_out = train_config.get("held_out_subjects", [])
@@ -82,6 +85,19 @@ if cv:
         lines.append(f"| {au} | {v['mean_f1']} | {v['pooled_f1']} | {v['support']} |")
     lines += ["", "Reproduce: `python scripts/encoder_cv.py --manifest ../shared/data/ckplus48/manifest.csv "
               f"--folds {folds} --steps {cv['steps']} --out cv.json`", ""]
+if crossval_dir:
+    full = json.loads((crossval_dir / "crossval.json").read_text())
+    budget = full["budget"]
+    lines += [f"## {full['folds']}-fold subject-exclusive cross-validation (the whole model, reduced budget)",
+              f"`python -m aullava crossval` on ckplus48: per fold the whole model (encoder {budget['encoder_steps']} "
+              f"steps, projector {budget['projector_steps']} and LoRA {budget['lora_steps']} steps at batch "
+              f"{budget['batch_size']}, far less than the shipped checkpoint) was trained on the other folds' subjects "
+              f"and its written answers scored on the fold's peak + neutral frames. Wall time on this 2-core CPU: "
+              f"{full['seconds'] / 60:.0f} min, shared with other jobs. Reproduce: `python -m aullava crossval "
+              f"--manifest ../shared/data/ckplus48/manifest.csv --folds {full['folds']} --encoder-steps "
+              f"{budget['encoder_steps']} --projector-steps {budget['projector_steps']} --lora-steps "
+              f"{budget['lora_steps']} --formats {' '.join(full['formats'])} --out cv`", "",
+              (crossval_dir / "crossval.md").read_text(), ""]
 intensity = {n: m["intensity"] for n, m in report["formats"].items() if m.get("intensity")}
 if intensity:
     lines += [f"Intensity on coded labels: {json.dumps(intensity)}", ""]

@@ -23,9 +23,9 @@ def _write(path: Path, text: str):
 def _round_trip(samples, tmp_path):
     manifest = write_manifest(samples, tmp_path / "out" / "manifest.csv", images_root=tmp_path)
     back = read_manifest(manifest, images_root=tmp_path)
-    assert [(s.path.resolve(), s.subject, s.sequence, s.frame, s.kind, s.emotion, s.aus, s.intensities, s.unknown)
-            for s in back] == [(Path(s.path).resolve(), s.subject, s.sequence, s.frame, s.kind, s.emotion, s.aus,
-                                s.intensities, s.unknown) for s in samples]
+    assert [(s.path.resolve(), s.subject, s.sequence, s.frame, s.kind, s.emotion, s.aus, s.intensities, s.unknown,
+             s.coded) for s in back] == [(Path(s.path).resolve(), s.subject, s.sequence, s.frame, s.kind, s.emotion,
+                                          s.aus, s.intensities, s.unknown, s.coded) for s in samples]
     return back
 
 
@@ -41,6 +41,7 @@ def test_bp4d_occurrence_intensity_unknown_and_missing_frames(tmp_path):
     first, second = samples
     assert first.aus == {1, 6, 12} and first.intensities == {6: 3} and first.unknown == frozenset()  # AU12 level 9
     assert second.aus == {12} and second.unknown == {2} and second.intensities == {12: 2}
+    assert first.coded == {1, 2, 6, 12} and not first.is_known(4)  # BP4D codes its file's AUs, not AU4
     assert (first.subject, first.sequence, first.kind) == ("F001", "T1", "frame")
     _round_trip(samples, tmp_path)
 

@@ -107,7 +107,10 @@ def test_unknown_labels_are_masked_from_the_losses_and_the_metrics(tiny_manifest
         writer.writerows(rows)
     trainer = Trainer(_config(manifest, tmp_path / "run", images_root=str(tiny_manifest.parent)))
     row = [s.path.name for s in trainer.table.samples].index("face0.png")
-    assert row not in set(trainer.answerable.tolist()) and len(trainer.answerable) == 5
+    # face0 is asked about every AU but the two it has no label for; the others about all
+    groups = {asked: set(rows.tolist()) for asked, rows in trainer.answer_groups}
+    assert groups[tuple(a for a in TINY_MODEL["aus"] if a not in (4, 6))] == {row}
+    assert len(groups[TINY_MODEL["aus"]]) == 5
     aus = list(trainer.aus)
     assert trainer.known[row].tolist() == [0.0 if a in (4, 6) else 1.0 for a in aus]
     logits = torch.zeros(1, len(aus))
@@ -117,3 +120,49 @@ def test_unknown_labels_are_masked_from_the_losses_and_the_metrics(tiny_manifest
     truth = np.array([[True], [False]])
     predicted = np.array([[False], [False]])
     assert presence_metrics(truth, predicted, [4], np.array([[False], [True]]))["per_au"]["AU4"]["support"] == 0
+
+
+def test_several_datasets_each_asked_only_the_aus_they_code(tiny_manifest, tmp_path, grace_hopper):
+    """As the paper trains on BP4D + DISFA + FEAFA: an image of a dataset that codes fewer AUs is asked, and
+    taught, only about those; its missing AUs are no label (not "absent") in every loss."""
+    import csv
+
+    from aullava.formats import get_format
+
+    rows = list(csv.DictReader(tiny_manifest.open()))
+    narrow = (1, 2, 12, 25)  # a DISFA-like dataset coding 4 of the model's AUs
+    second = tmp_path / "narrow.csv"
+    with second.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]) + ["coded"])
+        writer.writeheader()
+        for row in rows:
+            aus = [a for a in row["aus"].split(";") if a and int(a) in narrow]
+            writer.writerow({**row, "path": str(tiny_manifest.parent / row["path"]), "aus": ";".join(aus),
+                             "intensities": "", "coded": ";".join(map(str, narrow))})
+    config = _config(tiny_manifest, tmp_path / "run", lora_steps=6, projector_steps=6, formats=("binary", "list"))
+    config.manifest = [str(tiny_manifest), str(second)]
+    trainer = Trainer(config)
+    groups = {asked: len(rows) for asked, rows in trainer.answer_groups}
+    assert groups == {TINY_MODEL["aus"]: 6, narrow: 6}
+    narrow_row = 6  # the second manifest's first image
+    assert trainer.known[narrow_row].tolist() == [float(a in narrow) for a in TINY_MODEL["aus"]]
+    model = trainer.model
+    before, _ = model.prompt_parts("binary", narrow)
+    assert "AU12" in before and "AU04" not in before and "AU07" not in before
+    result = trainer.result_for(trainer.table.samples[narrow_row], narrow)
+    ids, _ = model.answer_targets("binary", result)
+    assert model.tokenizer.decode(ids).startswith("AU01:") and "AU04" not in model.tokenizer.decode(ids)
+    path = trainer.run()
+    llm_steps = [h for h in trainer.history if h["stage"] != "encoder"]
+    assert {h["asked_aus"] for h in llm_steps} == {7, 4} and all(h["lm"] > 0 for h in llm_steps)
+
+    from aullava.service import Analyzer
+
+    analyzer = Analyzer(str(path))
+    _, faces = analyzer.detect(grace_hopper)
+    (answer,) = analyzer.describe(faces[:1], "binary", aus=narrow)
+    assert answer.result is not None and answer.result.aus == narrow
+    assert [code.split(":")[0] for code in answer.text.split()] == ["AU01", "AU02", "AU12", "AU25"]
+    assert get_format("binary").parse(answer.text, narrow).aus == narrow
+    with pytest.raises(ValueError, match="subset"):
+        analyzer.describe(faces[:1], "binary", aus=(1, 3))

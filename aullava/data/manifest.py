@@ -3,7 +3,9 @@
 Columns (ckplus48's): path, subject, sequence, frame, kind, emotion, aus, intensities, and optionally
 unknown. `aus` is the ';'-separated set of present AUs; `intensities` 'AU:level' pairs (0 = present but
 intensity not coded); `unknown` the ';'-separated AUs whose label is unknown for that image (left out of the
-loss and of every metric; every other AU the dataset codes is known absent when not in `aus`).
+loss and of every metric; every other AU the dataset codes is known absent when not in `aus`); `coded` the
+';'-separated AUs the row's dataset codes at all (empty: every AU). With several datasets in one training,
+`coded` is what lets each image be asked only about the AUs its dataset codes.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRED_COLUMNS = ("path", "subject", "aus")
-COLUMNS = ("path", "subject", "sequence", "frame", "kind", "emotion", "aus", "intensities", "unknown")
+COLUMNS = ("path", "subject", "sequence", "frame", "kind", "emotion", "aus", "intensities", "unknown", "coded")
 KINDS = ("peak", "near_peak", "neutral")
 
 
@@ -32,10 +34,15 @@ class Sample:
     aus: frozenset = frozenset()
     intensities: dict = field(default_factory=dict)  # AU -> 1..5 where coded
     unknown: frozenset = frozenset()  # AUs whose label is unknown for this image
+    coded: frozenset | None = None  # the AUs this image's dataset codes; None: every AU
 
     @property
     def key(self) -> str:
         return str(self.path)
+
+    def is_known(self, au: int) -> bool:
+        """Whether this image has a label (present or absent) for `au`."""
+        return au not in self.unknown and (self.coded is None or au in self.coded)
 
 
 def _parse_aus(text: str, row: int) -> frozenset:
@@ -77,12 +84,23 @@ def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
             aus = _parse_aus(row.get("aus") or "", number)
             levels = {au: lv for au, lv in _parse_intensities(row.get("intensities", ""), number).items() if au in aus}
             unknown = _parse_aus(row.get("unknown") or "", number) - aus
+            coded = _parse_aus(row.get("coded") or "", number) or None
+            if coded is not None and not aus <= coded:
+                raise ManifestError(f"row {number}: present AUs {sorted(aus - coded)} are not among the coded AUs "
+                                    f"{sorted(coded)}")
             samples.append(Sample(root / row["path"], row["subject"].strip(), (row.get("sequence") or "").strip(),
                                   (row.get("frame") or "").strip(), kind, (row.get("emotion") or "").strip(),
-                                  aus, levels, unknown))
+                                  aus, levels, unknown, coded))
     if not samples:
         raise ManifestError(f"manifest {path} has no usable rows" + (f" of kind {', '.join(kinds)}" if kinds else ""))
     return samples
+
+
+def read_manifests(paths, images_root=None, kinds=None) -> list[Sample]:
+    """One manifest, or several (e.g. one per dataset) read one after the other."""
+    if isinstance(paths, (str, Path)):
+        return read_manifest(paths, images_root, kinds)
+    return [sample for path in paths for sample in read_manifest(path, images_root, kinds)]
 
 
 def write_manifest(samples, path, images_root=None) -> Path:
@@ -101,7 +119,8 @@ def write_manifest(samples, path, images_root=None) -> Path:
                              "frame": s.frame, "kind": s.kind, "emotion": s.emotion,
                              "aus": ";".join(str(a) for a in sorted(s.aus)),
                              "intensities": ";".join(f"{a}:{s.intensities.get(a, 0)}" for a in sorted(s.aus)),
-                             "unknown": ";".join(str(a) for a in sorted(s.unknown))})
+                             "unknown": ";".join(str(a) for a in sorted(s.unknown)),
+                             "coded": ";".join(str(a) for a in sorted(s.coded or ()))})
     return path
 
 

@@ -98,7 +98,7 @@ def read_bp4d(root) -> tuple[list[Sample], list[str]]:
                     if au in present and level is not None and 1 <= level <= 5:
                         levels[au] = int(level)
                 samples.append(Sample(image, subject, task, str(frame), "frame", "", frozenset(present), levels,
-                                      frozenset(unknown)))
+                                      frozenset(unknown), frozenset(aus)))
     return samples, problems
 
 
@@ -132,7 +132,7 @@ def read_disfa(root, frames=None, present_from: int = 2) -> tuple[list[Sample], 
             present = {au for au, level in levels.items() if level is not None and level >= present_from}
             unknown = {au for au, level in levels.items() if level is None or not 0 <= level <= 5}
             samples.append(Sample(image, subject, "", str(frame), "frame", "", frozenset(present),
-                                  {au: int(levels[au]) for au in present}, frozenset(unknown)))
+                                  {au: int(levels[au]) for au in present}, frozenset(unknown), frozenset(per_au)))
     return samples, problems
 
 
@@ -164,7 +164,7 @@ def read_feafa(root) -> tuple[list[Sample], list[str]]:
         subject = parts[0] if len(parts) > 1 else ""
         sequence = "/".join(parts[1:-1])
         samples.append(Sample(image, subject, sequence, label.stem, "frame", "", frozenset(present),
-                              {au: levels[au] for au in present}))
+                              {au: levels[au] for au in present}, coded=frozenset(facs.FEAFA_AUS)))
     return samples, problems
 
 
