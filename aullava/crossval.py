@@ -15,9 +15,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from accelerate import PartialState
 
 from . import facs
 from .data.manifest import read_manifests, subject_folds
+from .distributed import use_cpu
 from .evaluate import MIN_POSITIVES, evaluate
 from .train import Trainer, TrainConfig
 
@@ -28,6 +30,8 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
     crossval.md. `config` is the training recipe; its held-out subjects are set per fold."""
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
+    state = PartialState(cpu=use_cpu(config.cpu))  # one process, or those of `accelerate launch`
+    log = log if state.is_main_process else (lambda *args, **kwargs: None)
     samples = read_manifests(config.manifest, config.images_root)
     groups = subject_folds(samples, folds, seed=config.seed)
     reports, started = [], time.perf_counter()
@@ -42,13 +46,19 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
         checkpoint = Trainer(replace(config, out=str(fold_dir), held_out_subjects=tuple(sorted(held_out))),
                              log=log).run(resume=True)
         gc.collect()
-        report = _evaluate_fold(checkpoint, config, held_out, formats, diagnostics)
-        report["held_out"] = sorted(held_out)
-        metrics_path.write_text(json.dumps(report, indent=2))
+        # Under `accelerate launch` training is shared; the held-out fold is evaluated once, by the main process.
+        if state.is_main_process:
+            report = _evaluate_fold(checkpoint, config, held_out, formats, diagnostics)
+            report["held_out"] = sorted(held_out)
+            metrics_path.write_text(json.dumps(report, indent=2))
+        state.wait_for_everyone()
+        report = json.loads(metrics_path.read_text())
         reports.append(report)
         log(f"fold {index + 1}/{folds}: " + ", ".join(f"{name} macro F1 {m['macro_f1']}"
                                                       for name, m in report["formats"].items()))
     summary = summarize(reports, formats)
+    if not state.is_main_process:
+        return summary
     summary.update({"folds": folds, "seed": config.seed, "manifest": str(config.manifest),
                     "budget": {k: getattr(config, k) for k in ("encoder_steps", "projector_steps", "lora_steps",
                                                                "encoder_batch", "batch_size")},
