@@ -9,6 +9,7 @@ lives in aullava.demo, aullava.plots and aullava.chat; this file only builds the
 """
 from __future__ import annotations
 
+import html
 import logging
 import os
 import shutil
@@ -49,6 +50,8 @@ DEFAULT_FORMAT = os.environ.get("AULLAVA_DEFAULT_FORMAT", "intensity")
 CONCURRENCY = 2  # model calls run one at a time (the model's lock); 2 lets detection and drawing overlap
 LIVE_INTERVAL = 0.4  # seconds between webcam frames sent in live mode
 READY = "Give a face: upload a photo, use the webcam, paste an image or click the example."
+MAX_UPLOAD = "20mb"  # launch(max_file_size): bigger uploads are refused before they reach the analyser
+MAX_PAGE_FACES = 10  # the page describes at most this many faces of one photo (the largest), bounding a request
 
 CSS = """
 #aullava-text textarea {font-family: ui-monospace, monospace; font-size: 0.85rem;}
@@ -68,15 +71,30 @@ def tolerant_image(**kwargs) -> gr.Image:
         try:
             return original(payload)
         except Exception:  # noqa: BLE001 - the analyser explains the problem
-            return getattr(payload, "path", None) or ""
+            path = getattr(payload, "path", None)
+            return path if path and is_upload(path) else ""
 
     component.preprocess = preprocess
     return component
 
 
+def is_upload(path) -> bool:
+    """Whether `path` lies in Gradio's upload folder: the only files a request may hand to the analyser."""
+    from gradio.utils import get_upload_folder
+
+    folder = os.path.realpath(get_upload_folder())
+    return os.path.realpath(path).startswith(folder + os.sep)
+
+
+def as_text(text: str) -> str:
+    """Markdown-rendered text (status line, chat) shown as the characters it holds: `<`, `>` and `&` escaped,
+    so a file name, a question or a model answer with HTML in it is never rendered as HTML."""
+    return html.escape(text, quote=False)
+
+
 # ----- event handlers -------------------------------------------------------------------------------------
 def _empty_outputs(message: str):
-    return (f"{message}", "", None, None, gr.update(choices=[], value=None, visible=False), "", None, None, None)
+    return (as_text(message), "", None, None, gr.update(choices=[], value=None, visible=False), "", None, None, None)
 
 
 def _view(session: logic.Session, index: int, status: str | None = None):
@@ -84,7 +102,7 @@ def _view(session: logic.Session, index: int, status: str | None = None):
     choices = logic.face_choices(session)
     index = index if 0 <= index < len(choices) else 0
     face_result = session.result(index)
-    return (status or logic.status_line(session),
+    return (as_text(status or logic.status_line(session)),
             logic.model_text(session, index),
             logic.chart(session, index),
             logic.overlay(session, index),
@@ -111,7 +129,7 @@ def analyse(image, format_name, session=None, face=None):
     try:
         analyzer = logic.get_analyzer()
         previous = session if isinstance(session, logic.Session) else None
-        new = logic.analyse(analyzer, image, format_name, previous)
+        new = logic.analyse(analyzer, image, format_name, previous, max_faces=MAX_PAGE_FACES)
         index = logic.face_index(face) if previous is not None and previous.key == new.key else 0
         outputs = _view(new, index)
     except Exception as error:  # noqa: BLE001 - shown as a sentence, the app keeps serving
@@ -137,7 +155,7 @@ def chat(message, history, session=None, face=None):
     shown = message if isinstance(message, str) else ""
     if len(shown) > 300:
         shown = shown[:300] + f"... [{len(message):,} characters]"
-    history = history + [{"role": "user", "content": shown or "(empty message)"}]
+    history = history + [{"role": "user", "content": as_text(shown) or "(empty message)"}]
     facts = parse_error = None
     generate = None
     if isinstance(session, logic.Session) and session.results:
@@ -153,7 +171,7 @@ def chat(message, history, session=None, face=None):
     previous = history[:-1]
     try:
         for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
-            yield history + [{"role": "assistant", "content": text}], ""
+            yield history + [{"role": "assistant", "content": as_text(text)}], ""
     except Exception as error:  # noqa: BLE001
         logger.exception("chat failed")
         yield history + [{"role": "assistant", "content": f"Sorry, the chat failed ({type(error).__name__}); "
@@ -239,7 +257,7 @@ def build() -> gr.Blocks:
                         chatbot = gr.Chatbot(label="Ask about this face", height=470, elem_id="aullava-chat",
                                              placeholder="Analyse a face, then ask: what does AU6 mean? "
                                                          "Is this a genuine smile? Which AUs are on the brow?",
-                                             feedback_options=None)
+                                             feedback_options=None, sanitize_html=True)
                         question = gr.Textbox(placeholder="Ask about the Action Units...", show_label=False,
                                               submit_btn="Ask", max_length=chat_lib.MAX_MESSAGE_CHARS + 1)
                         gr.Markdown("Answers come from the same base LLM (adapter off), grounded in the "
@@ -287,4 +305,5 @@ demo = build()
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     threading.Thread(target=logic.warm_up, args=((DEFAULT_FORMAT, logic.LIVE_FORMAT),), daemon=True).start()
-    demo.launch(theme=gr.themes.Soft(), css=CSS, show_error=False)
+    # No allowed_paths and no static paths: the page serves only its own uploads and outputs (Gradio's cache).
+    demo.launch(theme=gr.themes.Soft(), css=CSS, show_error=False, max_file_size=MAX_UPLOAD)

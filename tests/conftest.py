@@ -48,3 +48,15 @@ def tiny_manifest(tmp_path_factory):
 
 def needs(path: Path):
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (shared data not on this machine)")
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """app.py serving the embedded checkpoint on localhost, one for every module that asks (see app_server.py)."""
+    from app_server import running_app
+
+    checkpoint = REPO / "assets" / "aullava-ckplus"
+    if not (checkpoint / "aullava_config.json").is_file():
+        pytest.skip("no embedded checkpoint")
+    with running_app(str(checkpoint), tmp_path_factory.mktemp("app") / "app.log") as app:
+        yield app
