@@ -122,7 +122,7 @@ def analyse(image, format_name, session=None, face=None):
     if image is None or image == "":
         if image == "":
             message = "That file could not be read as an image."
-            gr.Warning(message)
+            gr.Warning(as_text(message))  # a toast renders HTML
             return _empty_outputs(message)
         return _empty_outputs(READY)
     format_name = format_name or DEFAULT_FORMAT
@@ -136,7 +136,7 @@ def analyse(image, format_name, session=None, face=None):
         if not isinstance(error, (logic.FaceError, ValueError)):
             logger.exception("analyse failed")
         message = logic.error_sentence(error, image)
-        gr.Warning(message)
+        gr.Warning(as_text(message))  # a toast renders HTML
         return _empty_outputs(message)
     logger.info("analyse %s: %.2f s", format_name, time.perf_counter() - started)
     return outputs
