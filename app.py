@@ -52,6 +52,7 @@ LIVE_INTERVAL = 0.4  # seconds between webcam frames sent in live mode
 READY = "Give a face: upload a photo, use the webcam, paste an image or click the example."
 MAX_UPLOAD = "20mb"  # launch(max_file_size): bigger uploads are refused before they reach the analyser
 MAX_PAGE_FACES = 10  # the page describes at most this many faces of one photo (the largest), bounding a request
+MAX_SESSIONS = 500  # launch(state_session_capacity): pages whose analysis is kept (~1 MB each; Gradio's default 10000)
 
 CSS = """
 #aullava-text textarea {font-family: ui-monospace, monospace; font-size: 0.85rem;}
@@ -139,6 +140,7 @@ def analyse(image, format_name, session=None, face=None):
         gr.Warning(as_text(message))  # a toast renders HTML
         return _empty_outputs(message)
     logger.info("analyse %s: %.2f s", format_name, time.perf_counter() - started)
+    return_freed_memory()
     return outputs
 
 
@@ -302,8 +304,43 @@ def build() -> gr.Blocks:
 
 demo = build()
 
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+_last_trim = [0.0]
+
+
+def limit_malloc_arenas(count: int = 2):
+    """glibc gives busy threads malloc arenas of their own (up to 8 per core), each keeping memory it freed;
+    Gradio's worker threads then hold ~50 MB more RSS under load. $MALLOC_ARENA_MAX, when set, wins."""
+    if LIBC is not None and hasattr(LIBC, "mallopt") and not os.environ.get("MALLOC_ARENA_MAX"):
+        LIBC.mallopt(-8, count)  # M_ARENA_MAX
+
+
+def return_freed_memory(every: float = 5.0):
+    """Hand the heap's freed pages back to the system (glibc malloc_trim), at most once per `every` seconds:
+    images and model activations come and go per request and would otherwise stay in the process's RSS."""
+    now = time.monotonic()
+    if LIBC is None or not hasattr(LIBC, "malloc_trim") or now - _last_trim[0] < every:
+        return
+    _last_trim[0] = now
+    LIBC.malloc_trim(0)
+
+
 if __name__ == "__main__":
+    limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     threading.Thread(target=logic.warm_up, args=((DEFAULT_FORMAT, logic.LIVE_FORMAT),), daemon=True).start()
     # No allowed_paths and no static paths: the page serves only its own uploads and outputs (Gradio's cache).
-    demo.launch(theme=gr.themes.Soft(), css=CSS, show_error=False, max_file_size=MAX_UPLOAD)
+    demo.launch(theme=gr.themes.Soft(), css=CSS, show_error=False, max_file_size=MAX_UPLOAD,
+                state_session_capacity=MAX_SESSIONS)
