@@ -11,6 +11,7 @@ lives in aullava.demo, aullava.plots and aullava.chat; this file only builds the
 """
 from __future__ import annotations
 
+import html
 import logging
 import os
 import shutil
@@ -51,6 +52,9 @@ DEFAULT_FORMAT = os.environ.get("AULLAVA_DEFAULT_FORMAT", "intensity")
 CONCURRENCY = 2  # model calls run one at a time (the model's lock); 2 lets detection and drawing overlap
 LIVE_INTERVAL = 0.4  # seconds between webcam frames sent in live mode
 READY = "Give a face: upload a photo, use the webcam, paste an image or click the example."
+MAX_UPLOAD = "20mb"  # launch(max_file_size): bigger uploads are refused before they reach the analyser
+MAX_PAGE_FACES = 10  # the page describes at most this many faces of one photo (the largest), bounding a request
+MAX_SESSIONS = 500  # launch(state_session_capacity): pages whose analysis is kept (~1 MB each; Gradio's default 10000)
 
 CSS = """
 #aullava-text textarea {font-family: ui-monospace, monospace; font-size: 0.85rem;}
@@ -70,15 +74,30 @@ def tolerant_image(**kwargs) -> gr.Image:
         try:
             return original(payload)
         except Exception:  # noqa: BLE001 - the analyser explains the problem
-            return getattr(payload, "path", None) or ""
+            path = getattr(payload, "path", None)
+            return path if path and is_upload(path) else ""
 
     component.preprocess = preprocess
     return component
 
 
+def is_upload(path) -> bool:
+    """Whether `path` lies in Gradio's upload folder: the only files a request may hand to the analyser."""
+    from gradio.utils import get_upload_folder
+
+    folder = os.path.realpath(get_upload_folder())
+    return os.path.realpath(path).startswith(folder + os.sep)
+
+
+def as_text(text: str) -> str:
+    """Markdown-rendered text (status line, chat) shown as the characters it holds: `<`, `>` and `&` escaped,
+    so a file name, a question or a model answer with HTML in it is never rendered as HTML."""
+    return html.escape(text, quote=False)
+
+
 # ----- event handlers -------------------------------------------------------------------------------------
 def _empty_outputs(message: str):
-    return (f"{message}", "", None, None, gr.update(choices=[], value=None, visible=False), "", None, None, None)
+    return (as_text(message), "", None, None, gr.update(choices=[], value=None, visible=False), "", None, None, None)
 
 
 def _view(session: logic.Session, index: int, status: str | None = None):
@@ -86,7 +105,7 @@ def _view(session: logic.Session, index: int, status: str | None = None):
     choices = logic.face_choices(session)
     index = index if 0 <= index < len(choices) else 0
     face_result = session.result(index)
-    return (status or logic.status_line(session),
+    return (as_text(status or logic.status_line(session)),
             logic.model_text(session, index),
             logic.chart(session, index),
             logic.overlay(session, index),
@@ -106,23 +125,24 @@ def analyse(image, format_name, session=None, face=None):
     if image is None or image == "":
         if image == "":
             message = "That file could not be read as an image."
-            gr.Warning(message)
+            gr.Warning(as_text(message))  # a toast renders HTML
             return _empty_outputs(message)
         return _empty_outputs(READY)
     format_name = format_name or DEFAULT_FORMAT
     try:
         analyzer = logic.get_analyzer()
         previous = session if isinstance(session, logic.Session) else None
-        new = logic.analyse(analyzer, image, format_name, previous)
+        new = logic.analyse(analyzer, image, format_name, previous, max_faces=MAX_PAGE_FACES)
         index = logic.face_index(face) if previous is not None and previous.key == new.key else 0
         outputs = _view(new, index)
     except Exception as error:  # noqa: BLE001 - shown as a sentence, the app keeps serving
         if not isinstance(error, (logic.FaceError, ValueError)):
             logger.exception("analyse failed")
         message = logic.error_sentence(error, image)
-        gr.Warning(message)
+        gr.Warning(as_text(message))  # a toast renders HTML
         return _empty_outputs(message)
     logger.info("analyse %s: %.2f s", format_name, time.perf_counter() - started)
+    return_freed_memory()
     return outputs
 
 
@@ -139,7 +159,7 @@ def chat(message, history, session=None, face=None):
     shown = message if isinstance(message, str) else ""
     if len(shown) > 300:
         shown = shown[:300] + f"... [{len(message):,} characters]"
-    history = history + [{"role": "user", "content": shown or "(empty message)"}]
+    history = history + [{"role": "user", "content": as_text(shown) or "(empty message)"}]
     facts = parse_error = None
     generate = None
     if isinstance(session, logic.Session) and session.results:
@@ -155,7 +175,7 @@ def chat(message, history, session=None, face=None):
     previous = history[:-1]
     try:
         for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
-            yield history + [{"role": "assistant", "content": text}], ""
+            yield history + [{"role": "assistant", "content": as_text(text)}], ""
     except Exception as error:  # noqa: BLE001
         logger.exception("chat failed")
         yield history + [{"role": "assistant", "content": f"Sorry, the chat failed ({type(error).__name__}); "
@@ -257,7 +277,7 @@ def build() -> gr.Blocks:
                         chatbot = gr.Chatbot(label="Ask about this face", height=470, elem_id="aullava-chat",
                                              placeholder="Analyse a face, then ask: what does AU6 mean? "
                                                          "Is this a genuine smile? Which AUs are on the brow?",
-                                             feedback_options=None)
+                                             feedback_options=None, sanitize_html=True)
                         question = gr.Textbox(placeholder="Ask about the Action Units...", show_label=False,
                                               submit_btn="Ask", max_length=chat_lib.MAX_MESSAGE_CHARS + 1)
                         gr.Markdown("Answers come from the same base LLM (adapter off), grounded in the "
@@ -322,7 +342,43 @@ def build() -> gr.Blocks:
 
 demo = build()
 
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+LIBC = _libc()
+_last_trim = [0.0]
+
+
+def limit_malloc_arenas(count: int = 2):
+    """glibc gives busy threads malloc arenas of their own (up to 8 per core), each keeping memory it freed;
+    Gradio's worker threads then hold ~50 MB more RSS under load. $MALLOC_ARENA_MAX, when set, wins."""
+    if LIBC is not None and hasattr(LIBC, "mallopt") and not os.environ.get("MALLOC_ARENA_MAX"):
+        LIBC.mallopt(-8, count)  # M_ARENA_MAX
+
+
+def return_freed_memory(every: float = 5.0):
+    """Hand the heap's freed pages back to the system (glibc malloc_trim), at most once per `every` seconds:
+    images and model activations come and go per request and would otherwise stay in the process's RSS."""
+    now = time.monotonic()
+    if LIBC is None or not hasattr(LIBC, "malloc_trim") or now - _last_trim[0] < every:
+        return
+    _last_trim[0] = now
+    LIBC.malloc_trim(0)
+
+
 if __name__ == "__main__":
+    limit_malloc_arenas()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     threading.Thread(target=logic.warm_up, args=((DEFAULT_FORMAT, logic.LIVE_FORMAT),), daemon=True).start()
-    demo.launch(theme=gr.themes.Soft(), css=CSS, show_error=False)
+    # No allowed_paths and no static paths: the page serves only its own uploads and outputs (Gradio's cache).
+    demo.launch(theme=gr.themes.Soft(), css=CSS, show_error=False, max_file_size=MAX_UPLOAD,
+                state_session_capacity=MAX_SESSIONS)

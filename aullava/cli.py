@@ -114,9 +114,11 @@ def _plot_videos(summary, aus, target: str):
 
 
 def _evaluate(args) -> int:
+    from .data.manifest import read_manifest
     from .evaluate import evaluate
     from .service import Analyzer
 
+    read_manifest(args.manifest, args.images_root)  # a broken manifest is reported before the model loads
     analyzer = Analyzer(args.checkpoint)
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
     subjects = args.subjects.split(",") if args.subjects else None
@@ -303,7 +305,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

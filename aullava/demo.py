@@ -127,9 +127,10 @@ def image_key(image) -> str:
 
 
 def analyse(analyzer, image, format_name: str, session: Session | None = None,
-            max_side: int | None = None) -> Session:
+            max_side: int | None = None, max_faces: int | None = None) -> Session:
     """Detect the faces (re-used from `session` when it holds the same image) and let the model describe
-    them in `format_name`. Raises aullava.face.FaceError subclasses with a sentence for the user."""
+    them (the `max_faces` largest, when given) in `format_name`. Raises aullava.face.FaceError subclasses
+    with a sentence for the user."""
     fmt_lib.get_format(format_name)  # ValueError for an unknown format, before any work
     seconds = {}
     key = image_key(image)
@@ -141,7 +142,7 @@ def analyse(analyzer, image, format_name: str, session: Session | None = None,
         faces, display, scale, size = _detect(analyzer, image, max_side)
         seconds["detect"] = time.perf_counter() - started
     started = time.perf_counter()
-    results = analyzer.describe(faces, format_name)
+    results = analyzer.describe(faces[:max_faces] if max_faces else faces, format_name)
     seconds["generate"] = time.perf_counter() - started
     return Session(key, display, scale, faces, format_name, results, seconds, size)
 
@@ -270,7 +271,8 @@ def status_line(session: Session) -> str:
     count = len(session.faces)
     total = sum(session.seconds.values())
     faces = "1 face" if count == 1 else f"{count} faces"
-    return (f"Found {faces}; the model answered in {session.seconds.get('generate', 0):.2f} s "
+    described = "" if len(session.results) == count else f" for the {len(session.results)} largest"
+    return (f"Found {faces}; the model answered{described} in {session.seconds.get('generate', 0):.2f} s "
             f"(total {total:.2f} s).")
 
 

@@ -136,7 +136,7 @@ class HFVisionBackbone(nn.Module):
             config = AutoConfig.for_model(**vision_config)
             self.model = AutoModel.from_config(config)
         elif pretrained:
-            self.model = AutoModel.from_pretrained(model_id)
+            self.model = AutoModel.from_pretrained(model_id, use_safetensors=True)  # never a pickled .bin
         else:
             self.model = AutoModel.from_config(AutoConfig.from_pretrained(model_id))
         if hasattr(self.model, "vision_model"):  # CLIP / SigLIP full models: keep the image tower only

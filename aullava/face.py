@@ -36,6 +36,9 @@ class NoFaceError(FaceError):
 
 
 MAX_PIXELS = 100_000_000  # decompression-bomb guard
+# The only formats Pillow is asked to decode: no EPS/PS (Ghostscript), PDF, PSD or other rarely fuzzed decoders.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "PPM")
+FORMATS_TEXT = "JPEG, PNG, WebP, GIF, BMP, TIFF or PPM/PGM"
 MIN_SIDE = 16
 NO_FACE_MESSAGE = "No face was found in the image. Use a frontal, well-lit face at least ~40 px wide."
 
@@ -142,12 +145,12 @@ def _open(src, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(source)
+            image = Image.open(source, formats=IMAGE_FORMATS)
     except Image.DecompressionBombError as error:
         raise ImageReadError(f"{name} has more than {MAX_PIXELS // 1_000_000} megapixels, "
                              "too many to read safely.") from error
     except UnidentifiedImageError as error:
-        raise ImageReadError(f"{name} is not an image, or not in a format Pillow can read.") from error
+        raise ImageReadError(f"{name} is not an image in a format read here ({FORMATS_TEXT}).") from error
     except OSError as error:
         raise ImageReadError(f"{name} could not be read: {error}.") from error
     width, height = image.size

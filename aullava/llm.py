@@ -399,14 +399,14 @@ def _load_from(source: str, model_id: str, dtype, cache_dir):
         folder = str(Path(model_id).expanduser())
         if not Path(folder).is_dir():
             raise FileNotFoundError(f"no model folder at {folder}")
-        return (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype),
+        return (AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True),
                 AutoTokenizer.from_pretrained(folder))
     if source == "cache":
         folder = cache_path(model_id, cache_dir)
         problem = _cache_problem(folder)
         if problem:
             raise FileNotFoundError(problem)
-        return (AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype),
+        return (AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, use_safetensors=True),
                 AutoTokenizer.from_pretrained(str(folder)))
     if source == "gguf":
         if model_id != DEFAULT_MODEL_ID:
@@ -423,7 +423,7 @@ def _load_from(source: str, model_id: str, dtype, cache_dir):
         del gguf_model
     elif source == "hub":
         folder = _hub_snapshot(model_id)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=CACHE_DTYPE)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=CACHE_DTYPE, use_safetensors=True)
         tokenizer = _prepare_tokenizer(AutoTokenizer.from_pretrained(folder))
     else:
         raise ValueError(f"unknown source {source!r}")

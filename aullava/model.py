@@ -510,14 +510,16 @@ def check_repo_id(repo_id: str) -> str:
 
 
 def resolve_checkpoint(name_or_path) -> Path:
-    """A local folder, or a hub repo id downloaded (or read from the hub cache) with huggingface_hub."""
+    """A local folder, or a hub repo id downloaded (or read from the hub cache) with huggingface_hub. Only
+    json, safetensors and markdown files are fetched from the hub: never code or pickles."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if not (path / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{path} is not an AU-LLaVA checkpoint: {CONFIG_NAME} is missing")
         return path
-    if path.exists() or str(name_or_path).startswith((".", "/", "~")) or str(name_or_path).count("/") != 1:
-        raise FileNotFoundError(f"no checkpoint folder at {name_or_path} (and it is not a hub repo id 'owner/name')")
+    if path.exists() or str(name_or_path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no checkpoint folder at {name_or_path}")
+    check_repo_id(str(name_or_path))
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -532,6 +534,53 @@ def resolve_checkpoint(name_or_path) -> Path:
     return local
 
 
+def check_repo_id(repo_id: str) -> str:
+    """`owner/name` as the hub spells it, else a ValueError that says what a repo id looks like."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        if repo_id.count("/") != 1:
+            raise HFValidationError("it needs exactly one '/'")
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise ValueError(f"{repo_id!r} is neither a checkpoint folder nor a hub repo id of the form 'owner/name' "
+                         "(letters, digits, '-', '_' and '.'; at most 96 characters each)") from None
+    return repo_id
+
+
+def check_checkpoint_files(path: Path) -> dict:
+    """Read the checkpoint's config and check that its weights are whole safetensors files before any model is
+    built; a ValueError names the file that is missing or broken. Returns the config as a dict."""
+    from safetensors import SafetensorError, safe_open
+
+    def readable_safetensors(file: Path, what: str):
+        if not file.is_file():
+            raise ValueError(f"checkpoint {path} is incomplete: {what} {file.name} is missing")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError, ValueError) as error:
+            raise ValueError(f"checkpoint {path}: {what} {file.name} is not a readable safetensors file "
+                             f"({error})") from None
+
+    def readable_json(file: Path, what: str) -> dict:
+        try:
+            data = json.loads(file.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"checkpoint {path}: {what} {file.name} is not readable JSON ({error})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"checkpoint {path}: {what} {file.name} holds no JSON object")
+        return data
+
+    config = readable_json(path / CONFIG_NAME, "the config")
+    readable_safetensors(path / WEIGHTS_NAME, "the encoder and projector weights")
+    adapter = path / ADAPTER_DIR
+    if adapter.is_dir():
+        readable_json(adapter / "adapter_config.json", "the LoRA adapter's config")
+        readable_safetensors(adapter / "adapter_model.safetensors", "the LoRA adapter's weights")
+    return config
+
+
 def from_pretrained(name_or_path, llm=None, tokenizer=None, dtype=None, merge: bool = False,
                     base_llm: str | None = None) -> AULlava:
     """Load a checkpoint folder or hub repo. `merge=True` folds LoRA into a private copy of the base LLM
@@ -539,10 +588,11 @@ def from_pretrained(name_or_path, llm=None, tokenizer=None, dtype=None, merge: b
     from .llm import load_base_llm
 
     path = resolve_checkpoint(name_or_path)
+    settings = check_checkpoint_files(path)
     try:
-        config = AULlavaConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()))
+        config = AULlavaConfig.from_dict(settings)
         state = load_file(str(path / WEIGHTS_NAME))
-    except (OSError, ValueError, json.JSONDecodeError) as error:
+    except (OSError, ValueError, TypeError, KeyError) as error:
         raise ValueError(f"checkpoint {path} is unreadable: {error}") from error
     if base_llm:
         config.base_llm = base_llm
@@ -552,14 +602,26 @@ def from_pretrained(name_or_path, llm=None, tokenizer=None, dtype=None, merge: b
             # the process's shared base LLM already carries another checkpoint's adapter (perhaps merged into
             # its weights): this checkpoint gets a base of its own
             llm, tokenizer, _ = load_base_llm(config.base_llm, dtype=dtype, fresh=True)
-    model = AULlava(config, llm, tokenizer)
-    model.encoder.load_state_dict(_sub_state(state, "encoder"))
-    model.projector.load_state_dict(_sub_state(state, "projector"))
+    try:
+        model = AULlava(config, llm, tokenizer)
+    except (TypeError, ValueError, KeyError, AttributeError) as error:
+        raise ValueError(f"checkpoint {path}: {CONFIG_NAME} does not describe a model this version can build "
+                         f"({type(error).__name__}: {error})") from None
+    try:
+        model.encoder.load_state_dict(_sub_state(state, "encoder"))
+        model.projector.load_state_dict(_sub_state(state, "projector"))
+    except RuntimeError as error:
+        raise ValueError(f"checkpoint {path}: {WEIGHTS_NAME} does not fit the model its config describes "
+                         f"({str(error).splitlines()[0]})") from None
     adapter = path / ADAPTER_DIR
     if adapter.is_dir():
         from peft import PeftModel
 
-        model.llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
+        try:
+            model.llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
+        except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+            raise ValueError(f"checkpoint {path}: the LoRA adapter does not load onto {config.base_llm} "
+                             f"({str(error).splitlines()[0]})") from None
         if merge:
             model.llm = model.llm.merge_and_unload()
     model.projector.to(torch.float32)

@@ -120,13 +120,14 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         model_config = AULlavaConfig(base_llm=config.base_llm, **config.model)
-        self.model = self._build_model(model_config).to(self.device)
+        # the data first: a broken manifest or missing images are reported before the LLM loads
         samples = read_manifests(config.manifest, config.images_root, kinds=config.kinds)
         if config.held_out_subjects:
             samples = [s for s in samples if s.subject not in set(config.held_out_subjects)]
         self.table = prepare_faces(samples)
         if len(self.table) == 0:
             raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
+        self.model = self._build_model(model_config).to(self.device)
         self.aus = model_config.aus
         self.labels = _labels(self.table, self.aus)
         self.known = torch.tensor([[float(s.is_known(a)) for a in self.aus] for s in self.table.samples])

@@ -73,3 +73,15 @@ def write_video(path, image, seconds=3, rate=10, size=(256, 320)):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: starts several processes (about a minute or two); -m 'not slow' skips it")
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """app.py serving the embedded checkpoint on localhost, one for every module that asks (see app_server.py)."""
+    from app_server import running_app
+
+    checkpoint = REPO / "assets" / "aullava-ckplus"
+    if not (checkpoint / "aullava_config.json").is_file():
+        pytest.skip("no embedded checkpoint")
+    with running_app(str(checkpoint), tmp_path_factory.mktemp("app") / "app.log") as app:
+        yield app

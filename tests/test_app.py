@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageOps
+
+from app_server import running_app
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,16 +33,9 @@ def grace_hopper_path() -> str:
 
 
 EMBEDDED = REPO / "assets" / "aullava-ckplus"
-START_TIMEOUT = 180
 
 
 # ----- the server ---------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> str:
     if os.environ.get("AULLAVA_CHECKPOINT"):
@@ -63,40 +56,8 @@ def checkpoint(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(checkpoint, tmp_path_factory):
-    port = free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    env = dict(os.environ, GRADIO_SERVER_PORT=str(port), GRADIO_SERVER_NAME="127.0.0.1",
-               GRADIO_ANALYTICS_ENABLED="False", AULLAVA_CHECKPOINT=checkpoint, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    started = time.perf_counter()
-    with open(log, "w") as handle:
-        process = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=handle,
-                                   stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.perf_counter() - started > START_TIMEOUT:
-                pytest.fail(f"app.py did not serve {url} within {START_TIMEOUT} s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
-        print(f"\n[bench] page served after {time.perf_counter() - started:.1f} s")
-        yield {"url": url, "log": log, "process": process}
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-    text = log.read_text()
-    assert "Traceback" not in text, text[-3000:]
+    with running_app(checkpoint, tmp_path_factory.mktemp("app") / "app.log") as app:
+        yield app
 
 
 def client(server):

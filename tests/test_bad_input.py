@@ -1,0 +1,257 @@
+"""The bad-input battery (bad_inputs.py) through the Python API, the CLI, the page functions and the running
+app; plus broken manifests and checkpoints. Every case gives a plain message and a result, never a crash, and
+a batch keeps every good item."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aullava.face import FaceDetector, FaceError
+from aullava.service import DEFAULT_CHECKPOINT
+from bad_inputs import EXPECTED, make_battery
+from conftest import REPO
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_dir(), reason="no embedded checkpoint")
+GOOD = [name for name, expect in EXPECTED.items() if expect.good]
+BAD = [name for name, expect in EXPECTED.items() if not expect.good]
+
+
+@pytest.fixture(scope="module")
+def battery(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("battery")
+    return folder, make_battery(folder)
+
+
+@pytest.fixture(scope="module")
+def analyzer():
+    from aullava.service import get_analyzer
+
+    return get_analyzer()  # the one cli.main uses too
+
+
+def case(battery, name):
+    folder, cases = battery
+    if name not in cases:
+        pytest.skip(f"{name} needs the shared smoke data")
+    return folder / name, cases[name]
+
+
+# ----- Python API ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", BAD)
+def test_api_refuses_a_bad_input_with_a_sentence(battery, analyzer, name):
+    path, expect = case(battery, name)
+    with pytest.raises(FaceError) as caught:
+        analyzer.analyze(path, "list")
+    message = str(caught.value)
+    assert expect.words in message and "Traceback" not in message and len(message) < 300
+    with pytest.raises(FaceError, match=expect.words.split("(")[0].strip()):
+        FaceDetector().detect(path)
+
+
+@pytest.mark.parametrize("name", GOOD)
+def test_api_reads_every_face_of_an_odd_but_good_input(battery, analyzer, name):
+    path, expect = case(battery, name)
+    outcome = analyzer.analyze(path, "list")
+    assert len(outcome.faces) >= expect.faces
+    for face in outcome.faces:
+        assert face.error is None and face.result is not None and face.text
+
+
+# ----- the page's functions (app.analyse with this process's analyser) -----------------------------------
+@pytest.fixture
+def page(analyzer, monkeypatch):
+    import app
+    from aullava import demo
+
+    monkeypatch.setattr(demo, "_analyzer", analyzer)
+    return app
+
+
+@pytest.mark.parametrize("name", BAD)
+def test_page_shows_a_plain_sentence_and_empty_outputs(battery, page, name):
+    path, expect = case(battery, name)
+    status, text, chart, overlay, _, hint, result, downloads, session = page.analyse(str(path), "list")
+    assert expect.words.split("(")[0].strip() in status
+    assert str(path.parent) not in status  # the server-side folder is not shown
+    assert (text, chart, overlay, result, downloads, session) == ("", None, None, None, None, None)
+
+
+def test_page_describes_at_most_ten_of_thirty_faces(battery, page):
+    path, _ = case(battery, "thirty_faces.jpg")
+    status, text, chart, overlay, choice, hint, result, downloads, session = page.analyse(str(path), "list")
+    assert status.startswith("Found 30 faces; the model answered for the 10 largest in")
+    assert len(result["faces"]) == 10 and len(session.faces) == 30
+    assert choice["choices"][-1] == "Face 10" and overlay.size[0] > 200
+
+
+def test_page_reads_an_exif_rotated_photo(battery, page):
+    path, _ = case(battery, "exif_rotated.jpg")
+    status, *_, result, downloads, session = page.analyse(str(path), "list")
+    assert status.startswith("Found 1 face") and result["image_size"] == [512, 600]
+
+
+# ----- CLI -----------------------------------------------------------------------------------------------
+def run_cli(*args, timeout=900):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"),
+               AULLAVA_THREADS=os.environ.get("AULLAVA_THREADS", "1"))
+    return subprocess.run([sys.executable, "-m", "aullava", *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_batch_to_csv_keeps_every_good_item(battery, tmp_path):
+    folder, cases = battery
+    out = tmp_path / "aus.csv"
+    done = run_cli("analyze", folder, "--format", "list", "--csv", out)
+    assert done.returncode == 1, done.stderr[-2000:]  # some images gave no result, and the summary says so
+    assert "Traceback" not in done.stderr
+    rows = list(csv.DictReader(out.open()))
+    by_file = {}
+    for row in rows:
+        by_file.setdefault(Path(row["file"]).name, []).append(row)
+    images = [name for name in cases if Path(name).suffix != ".eps"]  # not an image suffix: not listed
+    assert sorted(by_file) == sorted(images)
+    for name in images:
+        expect, found = cases[name], by_file[name]
+        if expect.good:
+            assert len(found) >= expect.faces and all(r["success"] == "1" and r["text"] for r in found), name
+        else:
+            assert len(found) == 1 and found[0]["success"] == "0", name
+            assert expect.words.split("(")[0].strip() in found[0]["reason"], (name, found[0]["reason"])
+    bad = sum(1 for name in images if not cases[name].good)
+    assert f"{len(images)} image(s)" in done.stderr and f"{bad} image(s) without a result" in done.stderr
+
+
+def test_cli_text_mode_keeps_going_past_bad_files(battery, analyzer, capsys):
+    from aullava.cli import main
+
+    folder, _ = battery
+    names = ["empty.jpg", "plain.jpg", "truncated.jpg", "bomb.png", "cmyk.jpg"]
+    code = main(["analyze", *(str(folder / n) for n in names), "--json"])
+    out, err = capsys.readouterr()
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and [Path(line["image"]).name for line in lines] == names
+    assert [bool(line.get("faces")) for line in lines] == [False, True, False, False, True]
+    assert "empty file" in err and "truncated or corrupt" in err and "megapixel" in err
+
+
+# ----- manifests for evaluate and train --------------------------------------------------------------------
+def write_manifest(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def test_manifest_without_columns_is_refused_before_any_model_loads(battery, tmp_path, capsys):
+    from aullava.cli import main
+
+    folder, _ = battery
+    manifest = write_manifest(tmp_path / "m.csv", [{"path": str(folder / "plain.jpg"), "subject": "S1"}])
+    for command in (["evaluate", "--manifest", manifest, "--out", tmp_path / "r.json"],
+                    ["train", "--manifest", manifest, "--out", tmp_path / "run", "--tiny"]):
+        assert main(list(map(str, command))) == 2
+        err = capsys.readouterr().err
+        assert "lacks column(s) aus" in err and "Traceback" not in err
+
+
+def test_train_with_only_missing_images_says_so(tmp_path, capsys):
+    from aullava.cli import main
+
+    manifest = write_manifest(tmp_path / "m.csv", [{"path": f"gone{i}.jpg", "subject": "S1", "aus": "12", "kind": "peak"}
+                                                   for i in range(3)])
+    assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--tiny"]) == 2
+    out, err = capsys.readouterr()
+    assert "gone0.jpg does not exist" in out and "no training face could be read" in err
+
+
+def test_evaluate_counts_missing_images_and_keeps_the_others(battery, analyzer, tmp_path):
+    from aullava.evaluate import evaluate
+
+    folder, _ = battery
+    rows = [{"path": str(folder / name), "subject": "S1", "aus": "6;12", "kind": "peak"}
+            for name in ("plain.jpg", "missing.jpg", "notes.jpg", "cmyk.jpg")]
+    report = evaluate(analyzer, write_manifest(tmp_path / "m.csv", rows), formats=("list",), progress=False)
+    assert report["images"] == 4 and report["faces_detected"] == 2
+    reasons = {Path(item["path"]).name: item["reason"] for item in report["undetected"]}
+    assert "does not exist" in reasons["missing.jpg"] and "not an image" in reasons["notes.jpg"]
+    assert report["formats"]["list"]["parse_failures"] == 0
+
+
+# ----- checkpoints -----------------------------------------------------------------------------------------
+def broken_checkpoint(tmp_path: Path, damage) -> Path:
+    folder = tmp_path / "checkpoint"
+    shutil.copytree(DEFAULT_CHECKPOINT, folder)
+    damage(folder)
+    return folder
+
+
+def _truncate(path: Path):
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+DAMAGES = {
+    "no config": (lambda f: (f / "aullava_config.json").unlink(), "aullava_config.json is missing"),
+    "corrupt config": (lambda f: (f / "aullava_config.json").write_text("{not json"), "not readable JSON"),
+    "config not an object": (lambda f: (f / "aullava_config.json").write_text("[1, 2]"), "holds no JSON object"),
+    "no weights": (lambda f: (f / "aullava.safetensors").unlink(), "aullava.safetensors is missing"),
+    "truncated weights": (lambda f: _truncate(f / "aullava.safetensors"), "not a readable safetensors file"),
+    "corrupt adapter config": (lambda f: (f / "adapter" / "adapter_config.json").write_text(""), "not readable JSON"),
+    "truncated adapter": (lambda f: _truncate(f / "adapter" / "adapter_model.safetensors"),
+                          "not a readable safetensors file"),
+    "adapter as a pickle": (lambda f: (f / "adapter" / "adapter_model.safetensors").rename(
+        f / "adapter" / "adapter_model.bin"), "adapter_model.safetensors is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_broken_checkpoint_is_named_plainly(tmp_path, damage):
+    from aullava.model import from_pretrained
+
+    harm, words = DAMAGES[damage]
+    folder = broken_checkpoint(tmp_path, harm)
+    with pytest.raises((ValueError, FileNotFoundError), match=words):
+        from_pretrained(folder)
+
+
+def test_weights_that_do_not_fit_the_config_are_named(tmp_path):
+    from aullava.model import from_pretrained
+
+    def shrink(folder):
+        config = json.loads((folder / "aullava_config.json").read_text())
+        config["encoder"]["dim"] = 64
+        (folder / "aullava_config.json").write_text(json.dumps(config))
+
+    with pytest.raises(ValueError, match="does not fit the model its config describes"):
+        from_pretrained(broken_checkpoint(tmp_path, shrink))
+
+
+def test_cli_with_a_broken_checkpoint_exits_with_a_sentence(battery, tmp_path, capsys):
+    from aullava.cli import main
+
+    folder, _ = battery
+    checkpoint = broken_checkpoint(tmp_path, DAMAGES["truncated weights"][0])
+    assert main(["analyze", str(folder / "plain.jpg"), "--checkpoint", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint") and "not a readable safetensors file" in err and "Traceback" not in err
+
+
+# ----- the running app (gradio_client) ---------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["empty.jpg", "truncated.jpg", "bomb.png", "drawing.eps", "animated.gif"])
+def test_running_app_answers_bad_uploads_plainly(battery, app_server, name):
+    from gradio_client import Client, handle_file
+
+    path, expect = case(battery, name)
+    client = Client(app_server["url"], verbose=False)
+    status, text, *_ = client.predict(handle_file(str(path)), "list", None, api_name="/analyse")
+    if expect.good:
+        assert status.startswith("Found 1 face") and text
+    else:
+        assert expect.words.split("(")[0].strip() in status and "/tmp" not in status and text == ""
