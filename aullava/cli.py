@@ -114,15 +114,15 @@ def _plot_videos(summary, aus, target: str):
 
 
 def _evaluate(args) -> int:
-    from .data.manifest import read_manifest
+    from .data.manifest import read_manifests
     from .evaluate import evaluate
     from .service import Analyzer
 
-    read_manifest(args.manifest, args.images_root)  # a broken manifest is reported before the model loads
+    manifest = args.manifest[0] if len(args.manifest) == 1 else args.manifest
+    read_manifests(manifest, args.images_root)  # a broken manifest is reported before the model loads
     analyzer = Analyzer(args.checkpoint)
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
     subjects = args.subjects.split(",") if args.subjects else None
-    manifest = args.manifest[0] if len(args.manifest) == 1 else args.manifest
     report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects)
     report["checkpoint"] = str(analyzer.checkpoint)
     Path(args.out).write_text(json.dumps(report, indent=2))

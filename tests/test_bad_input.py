@@ -125,7 +125,7 @@ def test_cli_batch_to_csv_keeps_every_good_item(battery, tmp_path):
             assert len(found) == 1 and found[0]["success"] == "0", name
             assert expect.words.split("(")[0].strip() in found[0]["reason"], (name, found[0]["reason"])
     bad = sum(1 for name in images if not cases[name].good)
-    assert f"{len(images)} image(s)" in done.stderr and f"{bad} image(s) without a result" in done.stderr
+    assert f"{len(images)} image(s)" in done.stderr and f"{bad} without a result" in done.stderr
 
 
 def test_cli_text_mode_keeps_going_past_bad_files(battery, analyzer, capsys):

@@ -93,7 +93,7 @@ def test_missing_or_corrupt_checkpoint_gives_a_clear_error(tmp_path):
         from_pretrained(tmp_path / "nothing-here")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "aullava_config.json").write_text("{not json")
-    with pytest.raises(ValueError, match="unreadable"):
+    with pytest.raises(ValueError, match="aullava_config.json is not readable JSON"):
         from_pretrained(tmp_path / "bad")
 
 
