@@ -56,13 +56,24 @@ class BatchSummary:
         text = f"{media}, {self.faces} face(s) analysed, {len(self.failed)} without a result"
         return text + "".join(f"\n  {name}: {reason}" for name, reason in self.failed[:20])
 
-    def add(self, file: str, rows: list[dict]):
+    def begin(self, path):
+        """Counts one input (an image or a video) about to be analysed."""
+        if is_video(path):
+            self.videos += 1
+        else:
+            self.images += 1
+
+    def record(self, path, rows: list[dict]):
+        """Counts the rows of one image, or of one sampled frame of a video."""
+        if is_video(path):
+            self.video_rows.setdefault(str(path), []).extend(rows)
+            self.video_frames += rows[0]["frame"] != ""
         self.faces += sum(1 for r in rows if r["face_id"] != "")
         if rows[0]["face_id"] == "":
-            self.failed.append((file, rows[0]["reason"]))
+            self.failed.append((f"{path} frame {rows[0]['frame']}" if is_video(path) else str(path), rows[0]["reason"]))
 
 
-def _failure_row(base: dict, reason: str) -> dict:
+def failure_row(base: dict, reason: str) -> dict:
     return {**base, "face_id": "", "confidence": 0.0, "success": 0, "reason": reason}
 
 
@@ -88,7 +99,7 @@ def rows_for(analyzer, path: Path, frame: int, format_name: str) -> list[dict]:
     try:
         outcome = analyzer.analyze(path, format_name)
     except FaceError as error:
-        return [_failure_row(base, str(error))]
+        return [failure_row(base, str(error))]
     return _face_rows(outcome, base)
 
 
@@ -105,63 +116,17 @@ def video_rows(analyzer, path: Path, format_name: str, fps: float | None = DEFAU
                           leave=False):
             frame_base = {**base, "frame": frame.number, "timestamp": frame.timestamp}
             if frame.rgb is None:
-                yield [_failure_row(frame_base, frame.error)]
+                yield [failure_row(frame_base, frame.error)]
                 continue
             try:
                 outcome = analyzer.analyze(frame.rgb, format_name)
             except FaceError as error:
-                yield [_failure_row(frame_base, str(error))]
+                yield [failure_row(frame_base, str(error))]
                 continue
             ids = tracker.assign([f.face.box for f in outcome.faces], frame.timestamp)
             yield _face_rows(outcome, frame_base, ids)
     except FaceError as error:  # the file itself (VideoReadError): not a video, no stream, truncated
-        yield [_failure_row({**base, "frame": "", "timestamp": ""}, str(error))]
-
-
-def _write(rows: list[dict], writer, csv_file, json_file):
-    for row in rows:
-        if writer:
-            writer.writerow(row)
-        if json_file:
-            json_file.write(json.dumps(row) + "\n")
-    for handle in (csv_file, json_file):
-        if handle:
-            handle.flush()
-
-
-def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jsonl_path=None,
-                  progress: bool = True, fps: float | None = DEFAULT_FPS) -> BatchSummary:
-    """Analyse every image and video of `items` (files and folders; videos sampled at `fps` frames per
-    second), writing rows as they come (a crash keeps what was written). Returns a summary; the caller decides
-    the exit code."""
-    fmt_lib.get_format(format_name)
-    paths = expand_inputs(items)
-    summary = BatchSummary()
-    columns = csv_columns(analyzer.aus)
-    csv_file = open(csv_path, "w", newline="") if csv_path else None
-    json_file = open(jsonl_path, "w") if jsonl_path else None
-    try:
-        writer = csv.DictWriter(csv_file, columns, restval="") if csv_file else None
-        if writer:
-            writer.writeheader()
-        for frame, path in enumerate(tqdm(paths, desc="analyse", unit="file", disable=not progress), start=1):
-            if is_video(path):
-                summary.videos += 1
-                groups = video_rows(analyzer, path, format_name, fps, progress)
-            else:
-                summary.images += 1
-                groups = [rows_for(analyzer, path, frame, format_name)]
-            for rows in groups:
-                if is_video(path):
-                    summary.video_rows.setdefault(str(path), []).extend(rows)
-                    summary.video_frames += rows[0]["frame"] != ""
-                summary.add(str(path) if not is_video(path) else f"{path} frame {rows[0]['frame']}", rows)
-                _write(rows, writer, csv_file, json_file)
-    finally:
-        for handle in (csv_file, json_file):
-            if handle:
-                handle.close()
-    return summary
+        yield [failure_row({**base, "frame": "", "timestamp": ""}, str(error))]
 
 
 class RowWriter:
@@ -175,9 +140,38 @@ class RowWriter:
             self.writer.writeheader()
 
     def write(self, rows: list[dict]):
-        _write(rows, self.writer, self.csv_file, self.json_file)
+        for row in rows:
+            if self.writer:
+                self.writer.writerow(row)
+            if self.json_file:
+                self.json_file.write(json.dumps(row) + "\n")
+        for handle in (self.csv_file, self.json_file):
+            if handle:
+                handle.flush()
 
     def close(self):
         for handle in (self.csv_file, self.json_file):
             if handle:
                 handle.close()
+
+
+def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jsonl_path=None,
+                  progress: bool = True, fps: float | None = DEFAULT_FPS) -> BatchSummary:
+    """Analyse every image and video of `items` (files and folders; videos sampled at `fps` frames per
+    second), writing rows as they come (a crash keeps what was written). Returns a summary; the caller decides
+    the exit code."""
+    fmt_lib.get_format(format_name)
+    paths = expand_inputs(items)
+    summary = BatchSummary()
+    writer = RowWriter(analyzer.aus, csv_path, jsonl_path)
+    try:
+        for frame, path in enumerate(tqdm(paths, desc="analyse", unit="file", disable=not progress), start=1):
+            summary.begin(path)
+            groups = (video_rows(analyzer, path, format_name, fps, progress) if is_video(path)
+                      else [rows_for(analyzer, path, frame, format_name)])
+            for rows in groups:
+                summary.record(path, rows)
+                writer.write(rows)
+    finally:
+        writer.close()
+    return summary

@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 
 from . import formats as fmt_lib
-from .batch import BatchSummary, RowWriter, expand_inputs, rows_for, video_rows
+from .batch import BatchSummary, RowWriter, expand_inputs, failure_row, rows_for, video_rows
 from .video import DEFAULT_FPS, is_video
 
 LAUNCHER_WORLD_SIZE = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -43,22 +43,15 @@ def _analyse_one(analyzer, path, frame: int, format_name: str, fps) -> list[list
             return list(video_rows(analyzer, path, format_name, fps, progress=False))
         return [rows_for(analyzer, path, frame, format_name)]
     except Exception as error:  # noqa: BLE001 - kept as a failure row, see the module's doc
-        return [[{"file": str(path), "frame": frame, "timestamp": 0.0, "format": format_name, "face_id": "",
-                  "confidence": 0.0, "success": 0, "reason": f"analysis failed: {type(error).__name__}: {error}"}]]
+        return [[failure_row({"file": str(path), "frame": frame, "timestamp": 0.0, "format": format_name},
+                             f"analysis failed: {type(error).__name__}: {error}")]]
 
 
 def _count(summary: BatchSummary, path, groups):
     """The summary analyze_batch keeps, for one input."""
-    video = is_video(path)
-    if video:
-        summary.videos += 1
-    else:
-        summary.images += 1
+    summary.begin(path)
     for rows in groups:
-        if video:
-            summary.video_rows.setdefault(str(path), []).extend(rows)
-            summary.video_frames += rows[0]["frame"] != ""
-        summary.add(f"{path} frame {rows[0]['frame']}" if video else str(path), rows)
+        summary.record(path, rows)
 
 
 def analyze_sharded(analyzer, items, format_name: str = "list", csv_path=None, jsonl_path=None,
