@@ -192,10 +192,10 @@ def analyse_video(video, format_name, fps, progress=gr.Progress(track_tqdm=True)
     except Exception as error:  # noqa: BLE001 - shown as a sentence, the app keeps serving
         if not isinstance(error, (logic.FaceError, ValueError)):
             logger.exception("video analysis failed")
-        message = logic.error_sentence(error, video)
-        gr.Warning(message)
+        message = as_text(logic.error_sentence(error, video))
+        gr.Warning(message)  # a toast renders HTML
         return message, None, None
-    return done.summary, done.series, done.downloads
+    return as_text(done.summary), done.series, done.downloads
 
 
 def on_load(request: gr.Request):
