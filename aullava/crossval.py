@@ -34,7 +34,7 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
     log = log if state.is_main_process else (lambda *args, **kwargs: None)
     samples = read_manifests(config.manifest, config.images_root)
     groups = subject_folds(samples, folds, seed=config.seed)
-    reports, started = [], time.perf_counter()
+    reports, started = [], time.perf_counter()  # `seconds` in the report: this invocation's wall time
     for index, held_out in enumerate(groups):
         fold_dir = out / f"fold{index}"
         metrics_path = fold_dir / "metrics.json"
@@ -43,6 +43,7 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
             reports.append(json.loads(metrics_path.read_text()))
             continue
         log(f"fold {index + 1}/{folds}: training without {len(held_out)} held-out subjects")
+        fold_started = time.perf_counter()
         checkpoint = Trainer(replace(config, out=str(fold_dir), held_out_subjects=tuple(sorted(held_out))),
                              log=log).run(resume=True)
         gc.collect()
@@ -50,6 +51,7 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
         if state.is_main_process:
             report = _evaluate_fold(checkpoint, config, held_out, formats, diagnostics)
             report["held_out"] = sorted(held_out)
+            report["fold_seconds"] = round(time.perf_counter() - fold_started, 1)  # this run's training + evaluation
             metrics_path.write_text(json.dumps(report, indent=2))
         state.wait_for_everyone()
         report = json.loads(metrics_path.read_text())
@@ -62,7 +64,8 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
     summary.update({"folds": folds, "seed": config.seed, "manifest": str(config.manifest),
                     "budget": {k: getattr(config, k) for k in ("encoder_steps", "projector_steps", "lora_steps",
                                                                "encoder_batch", "batch_size")},
-                    "seconds": round(time.perf_counter() - started, 1)})
+                    "seconds": round(time.perf_counter() - started, 1),
+                    "fold_seconds": [r.get("fold_seconds") for r in reports]})
     (out / "crossval.json").write_text(json.dumps(summary, indent=2))
     (out / "crossval.md").write_text(markdown(summary))
     return summary
