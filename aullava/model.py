@@ -134,7 +134,7 @@ class AULlava(nn.Module):
         model's AUs; a dataset that codes fewer is asked only about those)."""
         from .llm import chat_prompt
 
-        instruction = fmt_lib.get_format(format_name).instruction(self._asked(aus))
+        instruction = fmt_lib.get_format(format_name).instruction(self.asked_aus(aus))
         text = chat_prompt(self.tokenizer, [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}],
                            system=self.config.system_prompt)
         before, after = text.split(IMAGE_PLACEHOLDER)
@@ -184,7 +184,8 @@ class AULlava(nn.Module):
     def invalidate_prefix_cache(self):
         self._prefix_cache.clear()
 
-    def _asked(self, aus) -> tuple[int, ...]:
+    def asked_aus(self, aus=None) -> tuple[int, ...]:
+        """The AUs a prompt asks about, in the model's order: `aus` (a non-empty subset of the model's), or all."""
         if aus is None:
             return self.config.aus
         aus = tuple(aus)
@@ -195,7 +196,7 @@ class AULlava(nn.Module):
     def _prefix(self, format_name: str, reuse: bool = True, aus=None):
         """(prefix length, per-layer (key, value) tensors of batch 1, suffix token ids) for a format (and the
         AUs it asks about)."""
-        key = (format_name, self._asked(aus))
+        key = (format_name, self.asked_aus(aus))
         if reuse and key in self._prefix_cache:
             return self._prefix_cache[key]
         before, after = self.prompt_parts(format_name, aus)
@@ -367,7 +368,7 @@ class AULlava(nn.Module):
     def generate(self, chip, landmarks, format_name: str, aus=None) -> list[Generation]:
         """Write the answer for each face in the batch, following the format's plan."""
         with self._lock:
-            return self._generate(chip, landmarks, format_name, self._asked(aus))
+            return self._generate(chip, landmarks, format_name, self.asked_aus(aus))
 
     def _generate(self, chip, landmarks, format_name, aus):
         fmt = fmt_lib.get_format(format_name)

@@ -74,7 +74,7 @@ class Analyzer:
         the model's AUs (e.g. the ones a dataset codes), default all."""
         fmt = fmt_lib.get_format(format_name)
         chip, landmarks = self._tensors(faces)
-        asked = self.model._asked(aus)
+        asked = self.model.asked_aus(aus)
         with self.lock:
             generations = self.model.generate(chip, landmarks, format_name, asked)
         results = []
