@@ -113,12 +113,17 @@ def _plot_videos(summary, aus, target: str):
         print(f"time series of {video} written to {path}", file=sys.stderr)
 
 
+def _manifests(paths: list | None):
+    """--manifest as given: one path (as a single dataset's runs record it) or a list of them."""
+    return paths[0] if paths and len(paths) == 1 else paths
+
+
 def _evaluate(args) -> int:
     from .data.manifest import read_manifests
     from .evaluate import evaluate
     from .service import Analyzer
 
-    manifest = args.manifest[0] if len(args.manifest) == 1 else args.manifest
+    manifest = _manifests(args.manifest)
     read_manifests(manifest, args.images_root)  # a broken manifest is reported before the model loads
     analyzer = Analyzer(args.checkpoint)
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
@@ -141,8 +146,7 @@ def _train_config(args, **extra):
     """TrainConfig from --config (if any), overridden by the flags given (unset flags are None)."""
     from .train import train_config
 
-    manifest = args.manifest[0] if args.manifest and len(args.manifest) == 1 else args.manifest
-    flags = {"manifest": manifest, "out": args.out, "images_root": args.images_root, "seed": args.seed,
+    flags = {"manifest": _manifests(args.manifest), "out": args.out, "images_root": args.images_root, "seed": args.seed,
              "encoder_steps": args.encoder_steps, "projector_steps": args.projector_steps,
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
