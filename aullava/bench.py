@@ -100,6 +100,9 @@ def stage_times(analyzer, photo_bytes: bytes, formats, repeats: int) -> dict:
         fmt = fmt_lib.get_format(name)
         model.warm([name])
         seconds, generation = _median_seconds(lambda: model.generate(chip_t, landmarks_t, name)[0], repeats)
+        out[f"generate_plain_{name}"], plain = _median_seconds(
+            lambda: model.generate(chip_t, landmarks_t, name, speculate=False)[0], repeats)
+        out[f"same_text_{name}"] = plain.text == generation.text  # the draft changes the cost, not the answer
         parse_seconds, result = _median_seconds(lambda: fmt.parse(generation.text, model.config.aus), repeats)
         tokens = len(model.answer_ids(name, result))
         out[f"generate_{name}"] = seconds
@@ -240,17 +243,18 @@ def _cpu_name() -> str:
 def format_report(report: dict) -> str:
     lines = [f"aullava bench {report['date']} on {report['cpu']} ({report['cores']} cores), torch {report['torch']}, "
              f"{report['dtype']}, LoRA {report.get('lora')}",
-             "stage medians for one VGA photo (ms):"]
+             "stage medians for one VGA photo (ms; generate_plain_*: without the encoder head's draft):"]
     stages = report["stages"]
     for key, value in stages.items():
-        if key.startswith(("text_", "tokens_")):
+        if key.startswith(("text_", "tokens_", "same_text_")):
             continue
         lines.append(f"  {key:<22} {value * 1000:9.1f}")
     for key, value in stages.items():
         if key.startswith("tokens_per_second_"):
             name = key.removeprefix("tokens_per_second_")
+            same = "" if stages.get("same_text_" + name, True) else " (DIFFERS from plain decoding)"
             lines.append(f"  {name:<10} {stages['tokens_' + name]:4d} tokens, {value:6.1f} tokens/s: "
-                         f"{stages['text_' + name][:60]}")
+                         f"{stages['text_' + name][:60]}{same}")
     lines.append("end-to-end analyse of the VGA photo (median s): "
                  + ", ".join(f"{k} {v:.3f}" for k, v in report["end_to_end_vga"].items()))
     for key, label in (("faces_per_image", "faces per 1080p image"), ("image_size", "image size")):

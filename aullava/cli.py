@@ -125,11 +125,12 @@ def _evaluate(args) -> int:
 
     manifest = _manifests(args.manifest)
     read_manifests(manifest, args.images_root)  # a broken manifest is reported before the model loads
-    analyzer = Analyzer(args.checkpoint)
+    analyzer = Analyzer(args.checkpoint, speculate=not args.no_speculate)
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
     subjects = args.subjects.split(",") if args.subjects else None
     report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects)
     report["checkpoint"] = str(analyzer.checkpoint)
+    report["speculate"] = analyzer.speculate
     Path(args.out).write_text(json.dumps(report, indent=2))
     for name, metrics in report["formats"].items():
         print(f"{name:>10}: macro F1 {metrics['macro_f1']}  parse failures {metrics['parse_failures']}  "
@@ -257,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--kinds", help="rows to use, comma-separated (default: every row but near_peak)")
     evaluate.add_argument("--subjects", help="only these subjects, comma-separated")
     evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--no-speculate", action="store_true",
+                          help="write every answer one decision per LLM pass, without verifying the encoder "
+                               "head's draft (slower; the same answers up to float rounding)")
     evaluate.set_defaults(run=_evaluate)
 
     train = commands.add_parser("train", help="train encoder, projector and LoRA on a manifest")

@@ -47,7 +47,7 @@ class Analyzer:
     """Loads the model once; thread-safe; `analyze(image, format)` for every face in the image."""
 
     def __init__(self, checkpoint: str | None = None, detector: str = "hog", merge: bool = False, model=None,
-                 dtype=None, base_llm: str | None = None):
+                 dtype=None, base_llm: str | None = None, speculate: bool = True):
         from .llm import set_threads
         from .model import from_pretrained
 
@@ -58,6 +58,7 @@ class Analyzer:
                                                                         base_llm=base_llm)
         self.model.merge_lora()  # faster answers; chat still gets the base LLM through adapter_disabled()
         self.detector = FaceDetector(detector=detector, chip_size=self.model.config.chip_size)
+        self.speculate = speculate  # AULlava.generate: verify the encoder head's draft (same answers, fewer passes)
         self.lock = threading.RLock()
         self.load_seconds = time.perf_counter() - started
 
@@ -76,7 +77,7 @@ class Analyzer:
         chip, landmarks = self._tensors(faces)
         asked = self.model.asked_aus(aus)
         with self.lock:
-            generations = self.model.generate(chip, landmarks, format_name, asked)
+            generations = self.model.generate(chip, landmarks, format_name, asked, speculate=self.speculate)
         results = []
         for face, generation in zip(faces, generations):
             try:

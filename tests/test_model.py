@@ -49,6 +49,45 @@ def test_batched_generation_equals_one_by_one(tiny_model, name):
     assert together == alone
 
 
+def _passes(model, monkeypatch):
+    """Counts the model's forward passes through the LLM."""
+    calls = []
+    decode = model._decode
+    monkeypatch.setattr(model, "_decode", lambda *args: calls.append(1) or decode(*args))
+    return calls
+
+
+@pytest.mark.parametrize("name", fmt_lib.format_names())
+def test_speculative_generation_writes_the_plain_answer(tiny_model, name):
+    chip, landmarks = _faces(4, seed=2)
+    plain = tiny_model.generate(chip, landmarks, name, speculate=False)
+    drafted = tiny_model.generate(chip, landmarks, name)  # the random head's drafts: mostly wrong
+    assert [g.text for g in drafted] == [g.text for g in plain]
+    for a, b in zip(drafted, plain):
+        assert [d.chosen for d in a.decisions] == [d.chosen for d in b.decisions]
+        assert [d.probability for d in a.decisions] == pytest.approx([d.probability for d in b.decisions], abs=1e-4)
+
+
+@pytest.mark.parametrize("name", ["list", "binary", "intensity", "json"])
+def test_a_draft_the_llm_agrees_with_costs_one_pass(tiny_model, name, monkeypatch):
+    chip, landmarks = _faces(3, seed=3)
+    fmt = fmt_lib.get_format(name)
+    plain = [g.text for g in tiny_model.generate(chip, landmarks, name, speculate=False)]
+    right = [tiny_model.answer_ids(name, fmt.parse(text, AUS)) for text in plain]
+    monkeypatch.setattr(tiny_model, "draft_ids", lambda *args: right)
+    calls = _passes(tiny_model, monkeypatch)
+    assert [g.text for g in tiny_model.generate(chip, landmarks, name)] == plain
+    assert len(calls) == 1
+    # a draft wrong from its first decision costs passes but not the answer
+    flipped = [[a for a in AUS if not fmt.parse(text, AUS).present[a]] for text in plain]
+    wrong = [tiny_model.answer_ids(name, fmt_lib.AUResult.from_active(AUS, active, {a: 3.0 for a in active}))
+             for active in flipped]
+    monkeypatch.setattr(tiny_model, "draft_ids", lambda *args: wrong)
+    assert [g.text for g in tiny_model.generate(chip, landmarks, name)] == plain
+    if name in ("binary", "intensity"):  # every value flipped: the LLM decides otherwise at every AU
+        assert len(calls) - 1 == len(AUS)  # one pass per AU: the draft is picked up again after each
+
+
 def test_answer_ids_decode_to_the_rendered_answer(tiny_model):
     result = fmt_lib.AUResult.from_active(AUS, [2, 12], {2: 1, 12: 4})
     for name in fmt_lib.format_names():
