@@ -123,6 +123,7 @@ def end_to_end(analyzer, photo_bytes: bytes, format_name: str, repeats: int) -> 
 
 def run(checkpoint: str | None = None, image: str | None = None, formats=("list", "binary", "json"),
         repeats: int = 5, scaling: bool = True, merge: bool = False, log=print) -> dict:
+    from .llm import run_on_torch_thread
     from .service import Analyzer
 
     report: dict = {"date": time.strftime("%Y-%m-%d"), "cpu": _cpu_name(), "cores": len(os.sched_getaffinity(0)),
@@ -149,7 +150,7 @@ def run(checkpoint: str | None = None, image: str | None = None, formats=("list"
     report["first_analyze"] = time.perf_counter() - started  # includes computing the prompt prefix once
     log(f"first analyse ({formats[0]}, computes the cached prompt prefix): {report['first_analyze']:.2f} s")
 
-    report["stages"] = stage_times(analyzer, vga, formats, repeats)
+    report["stages"] = run_on_torch_thread(stage_times, analyzer, vga, formats, repeats)  # where the model runs
     report["end_to_end_vga"] = {}
     for name in formats:
         report["end_to_end_vga"][name], _ = end_to_end(analyzer, vga, name, repeats)

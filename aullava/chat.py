@@ -16,6 +16,7 @@ that streams text pieces for (system, messages).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import threading
 from dataclasses import dataclass, field
@@ -537,9 +538,10 @@ def respond(message, facts: FaceFacts | None, history: Iterable = (), generate: 
 class LLMStreamer:
     """Streams a chat answer from the AU model's own base LLM with its LoRA adapter switched off.
 
-    `model` is an AULlava (its .llm may be a peft PeftModel, its .tokenizer owns the chat template); `lock`
-    serialises with AU generation (switching the adapter off is global state of the shared LLM). The lock is
-    held by a worker thread for the whole generation (at most `max_new_tokens`), never by the consumer;
+    `model` is an AULlava (its .llm may be a peft PeftModel, its .tokenizer owns the chat template). A model that
+    serves from the torch thread (llm.submit_to_torch_thread) answers there, one job at a time, so no AU answer
+    is written meanwhile with the adapter off; otherwise `lock` serialises, held by a worker thread for the
+    whole generation (at most `max_new_tokens`), never by the consumer;
     closing the iterator early stops the generation at the next token. Greedy decoding, no repetition
     penalty (it would penalise copying the facts from the prompt; `respond` stops loops instead)."""
 
@@ -549,8 +551,6 @@ class LLMStreamer:
         self.max_new_tokens = max_new_tokens
 
     def _adapter_off(self):
-        import contextlib
-
         if hasattr(self.model, "adapter_disabled"):
             return self.model.adapter_disabled()
         return contextlib.nullcontext()  # a plain causal LM (tests): the LLM as it is
@@ -579,9 +579,11 @@ class LLMStreamer:
             def __call__(self, input_ids, scores, **kwargs):
                 return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
 
+        on_model_thread = getattr(self.model, "serve_on_torch_thread", False)  # one job at a time there: no lock
+
         def work():
             try:
-                with self.lock, self._adapter_off(), torch.no_grad():
+                with (contextlib.nullcontext() if on_model_thread else self.lock), self._adapter_off(), torch.no_grad():
                     self.model.llm.generate(
                         input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
                         max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
@@ -591,14 +593,21 @@ class LLMStreamer:
                 failure.append(error)
                 streamer.end()
 
-        thread = threading.Thread(target=work, name="aullava-chat", daemon=True)
-        thread.start()
+        if on_model_thread:  # the thread that runs all of the model's torch work (llm.submit_to_torch_thread)
+            from .llm import submit_to_torch_thread
+
+            running = submit_to_torch_thread(work)
+            wait = lambda: running.exception(timeout=30)  # noqa: E731 - work() keeps its own failure
+        else:  # a plain causal LM (tests)
+            thread = threading.Thread(target=work, name="aullava-chat", daemon=True)
+            thread.start()
+            wait = lambda: thread.join(timeout=30)  # noqa: E731
         try:
             for piece in streamer:
                 if piece:
                     yield piece
         finally:
             cancelled.set()
-            thread.join(timeout=30)
+            wait()
         if failure:
             raise failure[0]

@@ -74,7 +74,7 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
 def _evaluate_fold(checkpoint, config: TrainConfig, held_out, formats, diagnostics) -> dict:
     from .service import Analyzer
 
-    analyzer = Analyzer(str(checkpoint))
+    analyzer = Analyzer(str(checkpoint), own_thread=False)  # this thread just trained: one OpenMP team
     try:
         return evaluate(analyzer, config.manifest, config.images_root, tuple(formats), subjects=held_out,
                         diagnostics=diagnostics)

@@ -159,8 +159,8 @@ def _detect(analyzer, image, max_side: int | None = None):
 
 
 # ----- live webcam ----------------------------------------------------------------------------------------
-LIVE_MODES = {"readout": "Fast: the model's binary answer read in a few forward passes",
-              "written": "Slower: the model writes its answer (AU list)"}
+LIVE_MODES = {"written": "The model writes its answer (AU list; its encoder's draft checked in one pass)",
+              "readout": "Probabilities: the model's binary answer read in a few forward passes"}
 LIVE_PASSES = 3  # forward passes of the fast read-out (parallel decoding of the binary answer)
 READOUT_LABEL = (f"Fast read-out of the model's binary answer (AU01:0/1 ...) in at most {LIVE_PASSES} forward "
                  "passes, probability of 'present' per AU: ")
@@ -168,10 +168,11 @@ CONVERGED = "converged, so these are exactly the decisions the model writes."
 NOT_CONVERGED = "did not converge, so a read-out of the model's probabilities, not its written answer."
 
 
-def live_update(analyzer, frame, mode: str = "readout") -> tuple[str, str, Image.Image, Image.Image]:
-    """One webcam frame, largest face -> (what was shown, text, chart, overlay). `mode` "readout" reads the
-    model's binary answer in a few forward passes (fast; says whether it converged to the written answer);
-    "written" lets it write the list answer. Raises FaceError with a sentence when there is no face."""
+def live_update(analyzer, frame, mode: str = "written") -> tuple[str, str, Image.Image, Image.Image]:
+    """One webcam frame, largest face -> (what was shown, text, chart, overlay). `mode` "written" (default) lets
+    the model write its list answer (speculative writing makes that one pass for most faces); "readout" reads
+    its binary answer's probabilities in a few forward passes (says whether they converged to the written
+    answer). Raises FaceError with a sentence when there is no face."""
     if mode not in LIVE_MODES:
         raise ValueError(f"unknown live mode {mode!r}; choose one of {', '.join(LIVE_MODES)}")
     if mode == "written":

@@ -147,7 +147,7 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -
         batch = faces[start:start + batch_size]
         chip, landmarks = analyzer._tensors(batch)
         with torch.no_grad(), analyzer.lock:
-            _, logits = analyzer.model.encoder(chip, landmarks)
+            _, logits = analyzer.model.on_model_thread(analyzer.model.encoder, chip, landmarks)
         read = analyzer.read_presence(batch)
         for offset, row in enumerate(rows[start:start + batch_size]):
             head[row] = (logits[offset] > 0).numpy()

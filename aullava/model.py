@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from . import formats as fmt_lib
 from .encoders import AUEncoder
+from .llm import on_torch_thread, submit_to_torch_thread
 
 # The model's AUs: every AU with at least 10 positive peak frames in the shared CK+ data.
 DEFAULT_AUS = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)
@@ -99,6 +100,7 @@ class AULlava(nn.Module):
         self.projector = nn.Linear(self.encoder.hidden_size, self._causal_lm().config.hidden_size)
         self._prefix_cache: dict[str, tuple] = {}
         self._lock = threading.RLock()
+        self.serve_on_torch_thread = False  # see on_model_thread
         self.eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if self.eos_id is None or self.eos_id == tokenizer.unk_token_id:
             self.eos_id = tokenizer.eos_token_id
@@ -142,9 +144,7 @@ class AULlava(nn.Module):
 
     def warm(self, format_names):
         """Compute (and cache) the prompt prefix of these formats ahead of the first request."""
-        with self._lock:
-            for name in format_names:
-                self._prefix(name)
+        self.on_model_thread(lambda: [self._prefix(name) for name in format_names])
 
     def _has_adapter(self) -> bool:
         return hasattr(self.llm, "disable_adapter") and hasattr(self.llm, "peft_config")
@@ -180,6 +180,18 @@ class AULlava(nn.Module):
             finally:
                 if merged:
                     self.llm.merge_adapter()
+
+    def on_model_thread(self, fn, *args, **kwargs):
+        """`fn` under the model's lock, on the process's torch thread when the model serves from it
+        (`serve_on_torch_thread`, set by the Analyzer that loaded it there; see llm.submit_to_torch_thread),
+        else on the caller's thread. Callers must not hold a lock the torch thread may need while they wait."""
+        def locked():
+            with self._lock:
+                return fn(*args, **kwargs)
+
+        if not self.serve_on_torch_thread or on_torch_thread() or self._lock._is_owned():
+            return locked()  # inside adapter_disabled() on another thread, waiting would deadlock
+        return submit_to_torch_thread(locked).result()
 
     def invalidate_prefix_cache(self):
         self._prefix_cache.clear()
@@ -301,10 +313,11 @@ class AULlava(nn.Module):
         is_one = alternatives == one[0]
         zero_token, one_token = alternatives[~is_one], alternatives[is_one]
         batch = chip.shape[0]
-        fed = torch.zeros(batch, len(positions), dtype=torch.bool)
         template = torch.tensor(ids[: positions[-1] + 1]).repeat(batch, 1)
         columns = torch.tensor(positions)
-        with self._lock:
+
+        def passes_until_fixed_point():
+            fed = torch.zeros(batch, len(positions), dtype=torch.bool)
             for _ in range(max(1, passes)):
                 answer = template.clone()
                 answer[:, columns] = torch.where(fed, one_token, zero_token)
@@ -317,7 +330,9 @@ class AULlava(nn.Module):
                 if bool(converged.all()):
                     break
                 fed = chosen
-        return p_one, converged
+            return p_one, converged
+
+        return self.on_model_thread(passes_until_fixed_point)
 
     # ----- generation along a format's plan ----------------------------------------------------------
     def token_logits(self, hidden: torch.Tensor, tokens) -> torch.Tensor:
@@ -382,8 +397,7 @@ class AULlava(nn.Module):
         the LLM decides otherwise, and writing goes on from there one decision per pass. The answer is the
         LLM's own, the same as without a draft (up to float rounding of a batched pass); when the LLM agrees
         with its encoder's head (most faces), the whole answer costs one pass instead of one per decision."""
-        with self._lock:
-            return self._generate(chip, landmarks, format_name, self.asked_aus(aus), speculate)
+        return self.on_model_thread(self._generate, chip, landmarks, format_name, self.asked_aus(aus), speculate)
 
     def draft_ids(self, format_name: str, au_logits: torch.Tensor, aus) -> list[list[int]]:
         """Per face, the answer tokens the format's plan writes for the AUs the encoder's head finds present

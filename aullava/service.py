@@ -47,16 +47,24 @@ class Analyzer:
     """Loads the model once; thread-safe; `analyze(image, format)` for every face in the image."""
 
     def __init__(self, checkpoint: str | None = None, detector: str = "hog", merge: bool = False, model=None,
-                 dtype=None, base_llm: str | None = None, speculate: bool = True):
-        from .llm import set_threads
+                 dtype=None, base_llm: str | None = None, speculate: bool = True, own_thread: bool = True):
+        """`own_thread`: load and run the model on the process's torch thread (llm.submit_to_torch_thread), as a
+        server must; False where this thread already runs torch work (e.g. evaluation after training)."""
+        from .llm import run_on_torch_thread, set_threads
         from .model import from_pretrained
 
         started = time.perf_counter()
         set_threads()
         self.checkpoint = checkpoint or default_checkpoint()
-        self.model = model if model is not None else from_pretrained(self.checkpoint, merge=merge, dtype=dtype,
-                                                                        base_llm=base_llm)
-        self.model.merge_lora()  # faster answers; chat still gets the base LLM through adapter_disabled()
+
+        def load():
+            loaded = model if model is not None else from_pretrained(self.checkpoint, merge=merge, dtype=dtype,
+                                                                      base_llm=base_llm)
+            loaded.merge_lora()  # faster answers; chat still gets the base LLM through adapter_disabled()
+            return loaded
+
+        self.model = run_on_torch_thread(load) if own_thread else load()
+        self.model.serve_on_torch_thread = own_thread
         self.detector = FaceDetector(detector=detector, chip_size=self.model.config.chip_size)
         self.speculate = speculate  # AULlava.generate: verify the encoder head's draft (same answers, fewer passes)
         self.lock = threading.RLock()

@@ -208,8 +208,10 @@ def tiny_model():
     return model
 
 
-def test_llm_streamer_runs_the_base_llm_with_the_adapter_off(tiny_model):
+def test_llm_streamer_runs_the_base_llm_with_the_adapter_off(tiny_model, monkeypatch):
     import threading
+
+    monkeypatch.setattr(tiny_model, "serve_on_torch_thread", True)  # as the Analyzer serves it
 
     lock = threading.RLock()
     streamer = chat.LLMStreamer(tiny_model, lock=lock, max_new_tokens=8)
@@ -221,8 +223,9 @@ def test_llm_streamer_runs_the_base_llm_with_the_adapter_off(tiny_model):
     original = tiny_model.llm.generate
 
     def spy(*args, **kwargs):
-        # inside generation the adapter is switched off and the lock is held by the worker thread
-        seen.append((layer.disable_adapters, lock._is_owned()))
+        # inside generation the adapter is switched off, on the model's own thread, which holds the model's lock
+        seen.append((layer.disable_adapters, threading.current_thread().name.startswith("aullava-torch"),
+                     tiny_model._lock._is_owned()))
         return original(*args, **kwargs)
 
     tiny_model.llm.generate = spy
@@ -230,7 +233,7 @@ def test_llm_streamer_runs_the_base_llm_with_the_adapter_off(tiny_model):
         pieces = list(streamer(system, messages))
     finally:
         del tiny_model.llm.generate
-    assert seen == [(True, True)]
+    assert seen == [(True, True, True)]
     assert isinstance("".join(pieces), str)
     assert layer.disable_adapters is False  # the adapter is back on for AU generation
     assert lock.acquire(blocking=False)  # released after the generation

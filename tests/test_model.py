@@ -88,6 +88,26 @@ def test_a_draft_the_llm_agrees_with_costs_one_pass(tiny_model, name, monkeypatc
         assert len(calls) - 1 == len(AUS)  # one pass per AU: the draft is picked up again after each
 
 
+def test_every_caller_thread_runs_the_llm_on_the_torch_thread(tiny_model, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(tiny_model, "serve_on_torch_thread", True)
+    seen = []
+    decode = tiny_model._decode
+    monkeypatch.setattr(tiny_model, "_decode", lambda *a: seen.append(threading.current_thread().name) or decode(*a))
+    chip, landmarks = _faces(1, seed=5)
+    expected = tiny_model.generate(chip, landmarks, "list")[0].text
+    answers = []
+    callers = [threading.Thread(target=lambda: answers.append(tiny_model.generate(chip, landmarks, "list")[0].text))
+               for _ in range(6)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join()
+    assert answers == [expected] * 6
+    assert len(set(seen)) == 1 and seen[0].startswith("aullava-torch")
+
+
 def test_answer_ids_decode_to_the_rendered_answer(tiny_model):
     result = fmt_lib.AUResult.from_active(AUS, [2, 12], {2: 1, 12: 4})
     for name in fmt_lib.format_names():
