@@ -394,7 +394,8 @@ class AULlava(nn.Module):
 
         With `speculate`, the encoder's own AU head drafts an answer that is fed with the image in one forward
         pass; the LLM's decisions are read at every drafted position, the draft is kept up to the first token
-        the LLM decides otherwise, and writing goes on from there one decision per pass. The answer is the
+        the LLM decides otherwise, and after that decision the rest of the draft is fed again where the
+        answer's last tokens occur in it (`_draft_lookup`). The answer is the
         LLM's own, the same as without a draft (up to float rounding of a batched pass); when the LLM agrees
         with its encoder's head (most faces), the whole answer costs one pass instead of one per decision."""
         return self.on_model_thread(self._generate, chip, landmarks, format_name, self.asked_aus(aus), speculate)
