@@ -217,7 +217,7 @@ def ask_pending(question, history, session=None, face=None):
         yield history, None
 
 
-def live(frame, mode="written", state=None):
+def live(frame, mode=logic.LIVE_DEFAULT, state=None):
     """One webcam frame in live mode, largest face: the fast read-out of the model's binary answer or its written list
     answer. Returns (status, text, chart, overlay, state); `state` counts this stream's updates for the rate."""
     if frame is None:
@@ -230,7 +230,7 @@ def live(frame, mode="written", state=None):
     rate = (state["count"] - 1) / (now - state["first"]) if state["count"] > 1 else 0.0
     prefix = f"Live update {state['count']} ({rate:.1f}/s)"
     try:
-        what, text, bars, picture = logic.live_update(logic.get_analyzer(), frame, mode or "written")
+        what, text, bars, picture = logic.live_update(logic.get_analyzer(), frame, mode or logic.LIVE_DEFAULT)
     except logic.FaceError as error:
         return f"{prefix}: {error}", gr.skip(), gr.skip(), gr.skip(), state
     except Exception as error:  # noqa: BLE001
@@ -288,7 +288,7 @@ def build() -> gr.Blocks:
                             "skipped) and shows the model's view of the largest face. The fast mode reads the "
                             "model's answer probabilities in one forward pass (labelled as such, not a written "
                             "answer); the slower mode lets it write the AU list. Stop the webcam to stop.")
-                live_mode = gr.Radio([(label, key) for key, label in logic.LIVE_MODES.items()], value="written",
+                live_mode = gr.Radio([(label, key) for key, label in logic.LIVE_MODES.items()], value=logic.LIVE_DEFAULT,
                                      label="Live mode", elem_id="aullava-live-mode")
                 with gr.Row():
                     with gr.Column():

@@ -161,6 +161,7 @@ def _detect(analyzer, image, max_side: int | None = None):
 # ----- live webcam ----------------------------------------------------------------------------------------
 LIVE_MODES = {"written": "The model writes its answer (AU list; its encoder's draft checked in one pass)",
               "readout": "Probabilities: the model's binary answer read in a few forward passes"}
+LIVE_DEFAULT = "written"  # what the page and live_update use when no mode is chosen
 LIVE_PASSES = 3  # forward passes of the fast read-out (parallel decoding of the binary answer)
 READOUT_LABEL = (f"Fast read-out of the model's binary answer (AU01:0/1 ...) in at most {LIVE_PASSES} forward "
                  "passes, probability of 'present' per AU: ")
@@ -168,7 +169,7 @@ CONVERGED = "converged, so these are exactly the decisions the model writes."
 NOT_CONVERGED = "did not converge, so a read-out of the model's probabilities, not its written answer."
 
 
-def live_update(analyzer, frame, mode: str = "written") -> tuple[str, str, Image.Image, Image.Image]:
+def live_update(analyzer, frame, mode: str = LIVE_DEFAULT) -> tuple[str, str, Image.Image, Image.Image]:
     """One webcam frame, largest face -> (what was shown, text, chart, overlay). `mode` "written" (default) lets
     the model write its list answer (speculative writing makes that one pass for most faces); "readout" reads
     its binary answer's probabilities in a few forward passes (says whether they converged to the written
