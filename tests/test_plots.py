@@ -88,3 +88,17 @@ def test_overlay_downscales_large_images():
     face = mean_face(1000, 800, 1200)
     out = plots.face_overlay(image, [face], selected=0, active_aus=(6,), max_side=800)
     assert max(out.size) == 800
+
+
+def test_the_same_chart_is_drawn_once_and_handed_out_as_a_copy():
+    aus = (1, 2, 6, 12)
+    smile = AUResult.from_active(aus, [6, 12], {6: 2.0, 12: 3.0})
+    plots._drawn_chart.cache_clear()
+    first = plots.intensity_chart(smile, title="t")
+    first.paste((0, 0, 0), (0, 0, 50, 50))  # a caller drawing on its picture changes no later one
+    second = plots.intensity_chart(smile, title="t")
+    assert plots._drawn_chart.cache_info().hits == 1 and plots._drawn_chart.cache_info().misses == 1
+    assert np.asarray(second)[:50, :50].max() > 0
+    stronger = plots.intensity_chart(AUResult.from_active(aus, [6, 12], {6: 2.0, 12: 4.0}), title="t")
+    assert plots._drawn_chart.cache_info().misses == 2
+    assert not np.array_equal(np.asarray(stronger), np.asarray(second))
