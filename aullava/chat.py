@@ -3,10 +3,10 @@
 The chat LLM is the SAME base LLM that writes the AUs, with the LoRA adapter switched off. A 135M model knows
 little and invents freely, so the chat is grounded hard:
 
-* the system prompt holds the detected AUs (code, name, intensity if the format gave one, region, muscles from
-  `facs`), the emotion hint, and, for questions with a computable answer ("what does AU6 mean?", "which AUs are
-  on the brow?", "how strong is AU12?", "is this a genuine smile?", "which AUs are active?", "what emotion?"),
-  that answer as THE facts to state (`factual_answer`);
+* the prompt is a fixed head (instruction + one worked example, read once per process: its keys and values are
+  kept), then the last exchange, then the question preceded by its facts, computed from the analysis and
+  `facs` (`factual_answer`: what an AU means, what is detected on a region, how strong an AU is, whether a
+  smile is genuine by the Duchenne rule, the emotion hint, the detected AUs);
 * the generated text is checked (`unsupported_aus`): if it names an AU that was not detected and that the user
   did not ask about, or leaves out the AU the question is about, the computed factual answer replaces it;
 * no analysis -> a plain sentence, without calling the LLM; empty or over-long messages -> a plain sentence.
@@ -17,8 +17,10 @@ that streams text pieces for (system, messages).
 from __future__ import annotations
 
 import contextlib
+import copy
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
@@ -250,48 +252,20 @@ def factual_answer(intent: Intent, facts: FaceFacts) -> str:
 
 
 # ----- the prompt --------------------------------------------------------------------------------------
+# The prompt is a fixed head (instruction + worked examples), then the last exchanges, then one user turn with
+# the facts of THIS face that answer the question. The head never changes, so its keys and values are computed
+# once per process and re-used (LLMStreamer); only the last turn is read per question.
 INSTRUCTION = ("You are the chat assistant of AU-LLaVA, which reads facial Action Units (FACS) from a photo. "
-               "Answer in one or two short sentences, using only the facts you are given. Never mention an "
-               "Action Unit that is not listed as detected, unless the user asks about it.")
-# Two worked turns (about an imaginary face) that show the 135M model the expected shape: restate the facts.
-EXAMPLES = (
-    {"role": "user", "content": "Facts: AU4 brow lowerer is detected at intensity 2.0 of 5 (slight).\n"
-                                "Question: how strong is AU4?"},
-    {"role": "assistant", "content": "AU4, the brow lowerer, is slight: intensity 2.0 of 5."},
-    {"role": "user", "content": "Facts: AU15 is the lip corner depressor: the depressor anguli oris muscle "
-                                "action, in the mouth region of the face. In this face it is detected: AU15 lip "
-                                "corner depressor at intensity 3.0 of 5 (marked).\nQuestion: what is AU15?"},
-    {"role": "assistant", "content": "AU15 is the lip corner depressor, pulled by the depressor anguli oris "
-                                     "muscle; this face shows it at a marked 3.0 of 5."},
-)
-
-
-def system_prompt(facts: FaceFacts, intent: Intent) -> str:
-    """The chat's system message: instructions, then the detected AUs with their FACS facts (name,
-    intensity if the format gave one, region, muscles), the emotion hint, and the facts of any AU asked about
-    that was not detected."""
-    active = facs.sort_by_region(facts.active)
-    lines = [INSTRUCTION]
-    where = f"face {facts.face_number} of {facts.face_count}" if facts.face_count > 1 else "the face"
-    lines.append(f"Analysis of {where} (answer format: {facts.format_title or 'unknown'}):")
-    if active:
-        lines.append("Detected Action Units:")
-        for a in active:
-            au = facs.AUS.get(a)
-            extra = f"; region {au.region}; muscle {au.muscles}" if au else ""
-            lines.append(f"- {describe_detected(facts, a)}{extra}.")
-        lines.append("No other Action Unit was detected.")
-    else:
-        lines.append("No Action Unit was detected (a neutral face).")
-    hints = facs.emotion_hints(active)
-    if hints:
-        lines.append("Emotion hint (EMFACS prototype; a hint, not a diagnosis): "
-                     + ", ".join(f"{h.emotion} ({' + '.join(f'AU{a}' for a in h.supporting_aus)})"
-                                 for h in hints[:2]) + ".")
-    for a in intent.aus:
-        if a in facs.AUS and a not in active:
-            lines.append(f"Asked about, not detected: {au_fact(a)}")
-    return "\n".join(lines)
+               "Every question comes with the facts that answer it, computed from the analysis of the face. "
+               "Answer in one or two short sentences that restate those facts. Never mention an Action Unit that "
+               "the facts do not name.")
+# One worked turn about an imaginary face, its facts computed exactly as for a real question and its answer
+# those facts repeated: measured on 24 questions about 3 analysed faces, the 135M model's answer passed
+# `check_answer` 14 times with this turn, 10 with none and 11 with four varied turns (it copies the last
+# example's answer instead of its own facts).
+_EXAMPLE_FACE = FaceFacts(aus=facs.CKPLUS_AUS, active=(4, 15, 25), intensity={4: 2.0, 15: 3.0, 25: 1.0},
+                          format_title="Discrete intensity")
+_EXAMPLE_QUESTION = "what is AU15?"
 
 
 def user_turn(question: str, facts: FaceFacts, intent: Intent) -> str:
@@ -299,9 +273,19 @@ def user_turn(question: str, facts: FaceFacts, intent: Intent) -> str:
     return f"Facts: {factual_answer(intent, facts)}\nQuestion: {question.strip()}"
 
 
+def _examples() -> tuple[dict, ...]:
+    intent = parse_question(_EXAMPLE_QUESTION)
+    return ({"role": "user", "content": user_turn(_EXAMPLE_QUESTION, _EXAMPLE_FACE, intent)},
+            {"role": "assistant", "content": factual_answer(intent, _EXAMPLE_FACE)})
+
+
+EXAMPLES = _examples()
+
+
 def build_messages(question: str, facts: FaceFacts, history: Iterable = ()) -> tuple[str, list[dict]]:
     """(system message, conversation) for the chat LLM: the worked examples, the last HISTORY_TURNS
-    exchanges (cut short), then the facts to state and the question."""
+    exchanges (cut short), then the facts to state and the question. The system message and the examples
+    are the same for every question (the prompt's fixed head)."""
     intent = parse_question(question)
     turns = [m for m in _plain_history(history) if m["role"] in ("user", "assistant")]
     turns = turns[-2 * HISTORY_TURNS:] if HISTORY_TURNS else []
@@ -312,7 +296,7 @@ def build_messages(question: str, facts: FaceFacts, history: Iterable = ()) -> t
     messages = list(EXAMPLES)
     messages += [{"role": m["role"], "content": _clip(m["content"], HISTORY_CHARS)} for m in turns]
     messages.append({"role": "user", "content": user_turn(question, facts, intent)})
-    return system_prompt(facts, intent), messages
+    return INSTRUCTION, messages
 
 
 def _clip(text: str, limit: int) -> str:
@@ -337,6 +321,7 @@ _NUMBER = re.compile(r"(?<![\w.])\d+(?:\.\d+)?")
 _NEGATION = re.compile(r"\b(no|not|none|nothing|isn't|isnt|doesn't|non|neither|nor|without)\b|n't\b", re.I)
 _INTENSITY_WORD = re.compile(r"\b(" + "|".join(facs.INTENSITY_WORDS[1:]) + r")\b", re.I)
 MAX_SENTENCES = 2
+_NEXT_TURN = re.compile(r"\n\s*(?:Question|Facts)\s*:")
 
 
 def _muscle_phrases() -> dict[str, set[int]]:
@@ -402,7 +387,7 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
     if muscles:
         return "names muscles of AUs that were not detected: " + ", ".join(muscles)
     known = factual_answer(intent, facts)
-    grounded_text = known + " " + system_prompt(facts, intent) + " " + question
+    grounded_text = known + " " + question
     invented = _numbers(answer) - _numbers(grounded_text)
     if invented:
         return "states numbers the analysis does not hold: " + ", ".join(sorted(invented))
@@ -510,6 +495,10 @@ def respond(message, facts: FaceFacts | None, history: Iterable = (), generate: 
     try:
         for piece in stream:
             text += piece
+            next_turn = _NEXT_TURN.search(text)
+            if next_turn:  # the model goes on to write the user's next turn itself: its answer ended there
+                text = text[:next_turn.start()]
+                break
             if unsupported_aus(text, facts, intent.aus) or repeats(text):
                 break  # hopeless: stop the LLM now
             if len(sentences(text)) > MAX_SENTENCES:
@@ -535,6 +524,9 @@ def respond(message, facts: FaceFacts | None, history: Iterable = (), generate: 
 
 
 # ----- streaming from the base LLM -------------------------------------------------------------------------
+_HEAD_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (head token ids, its KV cache)
+
+
 class LLMStreamer:
     """Streams a chat answer from the AU model's own base LLM with its LoRA adapter switched off.
 
@@ -563,6 +555,24 @@ class LLMStreamer:
         text = chat_prompt(self.model.tokenizer, messages, system=system, add_generation_prompt=True)
         return torch.tensor([self.model.tokenizer.encode(text, add_special_tokens=False)])
 
+    def head_cache(self, ids):
+        """A copy of the keys and values of the prompt's fixed head (INSTRUCTION + EXAMPLES), computed once per
+        model, if `ids` start with that head (else None). Call it with the adapter off, as generation runs."""
+        import torch
+
+        from .llm import chat_prompt
+
+        tokenizer = self.model.tokenizer
+        text = chat_prompt(tokenizer, list(EXAMPLES), system=INSTRUCTION, add_generation_prompt=False)
+        head = tuple(tokenizer.encode(text, add_special_tokens=False))
+        if ids.shape[1] <= len(head) or tuple(ids[0, :len(head)].tolist()) != head:
+            return None
+        stored = _HEAD_CACHES.get(self.model)
+        if stored is None or stored[0] != head:
+            output = self.model.llm(input_ids=torch.tensor([head]), use_cache=True)
+            stored = _HEAD_CACHES[self.model] = (head, output.past_key_values)
+        return copy.deepcopy(stored[1])
+
     def __call__(self, system: str, messages: list) -> Iterator[str]:
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
@@ -585,10 +595,9 @@ class LLMStreamer:
             try:
                 with (contextlib.nullcontext() if on_model_thread else self.lock), self._adapter_off(), torch.no_grad():
                     self.model.llm.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                        max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                        pad_token_id=tokenizer.pad_token_id,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+                        input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=self.head_cache(ids),
+                        streamer=streamer, max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
+                        pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
             except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
                 failure.append(error)
                 streamer.end()

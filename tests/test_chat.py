@@ -83,13 +83,25 @@ def test_emotion_answer_is_worded_as_a_hint():
     assert "hint" in text and "happiness" in text and "AU6 + AU12" in text
 
 
-def test_system_prompt_holds_detected_aus_with_facs_facts():
+def test_prompt_head_is_fixed_and_the_last_turn_holds_this_faces_facts():
     system, messages = chat.build_messages("how strong is AU12?", SMILE)
-    assert "AU12 lip corner puller at intensity 3.4 of 5 (marked)" in system
-    assert "zygomaticus major" in system and "region mouth" in system
-    assert "AU4" not in system  # undetected AUs are not put in the model's mouth
-    assert messages[-1]["role"] == "user" and "Facts: AU12 lip corner puller" in messages[-1]["content"]
-    assert messages[-1]["content"].endswith("Question: how strong is AU12?")
+    other_system, other = chat.build_messages("what does AU4 mean?", SOCIAL, [{"role": "user", "content": "q"},
+                                                                            {"role": "assistant", "content": "a"}])
+    head = len(chat.EXAMPLES)
+    assert system == other_system == chat.INSTRUCTION and messages[:head] == other[:head]  # cacheable head
+    last = messages[-1]["content"]
+    assert messages[-1]["role"] == "user" and last.endswith("Question: how strong is AU12?")
+    assert "Facts: AU12 lip corner puller at intensity 3.4 of 5 (marked)" in last
+    assert "AU4" not in last  # undetected AUs are not put in the model's mouth
+    example = chat.EXAMPLES[-1]["content"]  # the worked example repeats the facts it was given
+    assert chat.EXAMPLES[-2]["content"].startswith(f"Facts: {example}\n")
+
+
+def test_the_model_writing_the_next_question_itself_ends_its_answer():
+    reply = chat.Reply()
+    final(chat.respond("how strong is AU12?", SMILE, [], fake_llm("AU12 is marked: 3.4 of 5.", "\nQuestion: and",
+                                                                   " AU9?"), reply=reply))
+    assert reply.source == "llm" and reply.text == "AU12 is marked: 3.4 of 5."
 
 
 def test_history_is_short_and_well_formed():
@@ -238,6 +250,34 @@ def test_llm_streamer_runs_the_base_llm_with_the_adapter_off(tiny_model, monkeyp
     assert layer.disable_adapters is False  # the adapter is back on for AU generation
     assert lock.acquire(blocking=False)  # released after the generation
     lock.release()
+
+
+def test_llm_streamer_reuses_the_prompt_heads_keys_and_values(tiny_model):
+    """The fixed head (instruction + example) is read once per model; answers are the same as without it."""
+    streamer = chat.LLMStreamer(tiny_model, max_new_tokens=12)
+    calls = []
+    causal_lm = tiny_model._causal_lm()
+    original = causal_lm.forward
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("input_ids").shape[1] if kwargs.get("input_ids") is not None else None)
+        return original(*args, **kwargs)
+
+    prompts = [chat.build_messages(q, SMILE) for q in ("how strong is AU12?", "what does AU6 mean?")]
+    plain = chat.LLMStreamer(tiny_model, max_new_tokens=12)
+    plain.head_cache = lambda ids: None
+    expected = ["".join(plain(*prompt)) for prompt in prompts]
+    chat._HEAD_CACHES.pop(tiny_model, None)
+    causal_lm.forward = counting
+    try:
+        answers = ["".join(streamer(*prompt)) for prompt in prompts]
+    finally:
+        del causal_lm.forward
+    assert answers == expected
+    head = len(chat._HEAD_CACHES[tiny_model][0])
+    assert calls.count(head) == 1  # the head was read once, for the first question only
+    full = [streamer.prompt_ids(*prompt).shape[1] for prompt in prompts]
+    assert not any(n in full for n in calls)  # no question made the model re-read its whole prompt
 
 
 def test_llm_streamer_stops_when_closed_early(tiny_model):
