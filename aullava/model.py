@@ -435,7 +435,7 @@ class AULlava(nn.Module):
         batch, device = chip.shape[0], self.device
         image, au_logits = self.image_embeddings(chip.to(device, torch.float32), landmarks.to(device, torch.float32))
         drafts = self.draft_ids(format_name, au_logits, aus) if speculate else [[] for _ in range(batch)]
-        rows = [_PlanState(fmt.plan(aus)) for _ in range(batch)]
+        rows = [_PlanState(fmt.plan(aus), draft) for draft in drafts]
         for row in rows:
             row.advance(self, None)
         embed = self._causal_lm().get_input_embeddings()
@@ -451,10 +451,6 @@ class AULlava(nn.Module):
         positions = torch.arange(prefix_len, mask.shape[1], device=device).unsqueeze(0).expand(batch, -1)
         hidden = self._decode(embeds, mask, positions, cache)[:, fed_from - prefix_len - 1:]
         next_position = torch.full((batch,), fed_from, dtype=torch.long, device=device)
-        written = [[] for _ in range(batch)]  # answer tokens in the cache, per face
-        cursors = [0] * batch  # per face, where in its draft the answer stands
-        looked_up = [0] * batch  # per face, where in its draft this pass's drafted tokens start (None: none)
-        pending = [0] * batch  # per face, how many tokens this pass feeds before the drafted ones
         while True:
             # hidden[b, i]: the output before feeds[b][i] (and after the last one at i = len(feeds[b]))
             last_hidden = []
@@ -463,18 +459,10 @@ class AULlava(nn.Module):
                 last_hidden.append(hidden[b, kept])
                 mask[b, fed_from + kept:] = 0  # tokens past the LLM's first other decision, and padding
                 next_position[b] += kept
-                written[b] += feeds[b][:kept]
-                if looked_up[b] is not None and kept > pending[b]:
-                    cursors[b] = looked_up[b] + kept - pending[b]
+                row.keep(feeds[b], kept)
             if all(row.finished for row in rows):
                 break
-            feeds, looked_up, pending = [], [], []
-            for b, row in enumerate(rows):
-                start, drafted = _draft_lookup(drafts[b], written[b] + row.pending, cursors[b]) \
-                    if speculate and not row.finished else (None, [])
-                feeds.append(row.pending + drafted)
-                looked_up.append(start)
-                pending.append(len(row.pending))
+            feeds = [row.next_feed() for row in rows]
             ids = _padded(feeds, self.eos_id).to(device)
             fed_from = mask.shape[1]
             positions = next_position.unsqueeze(1) + torch.arange(ids.shape[1], device=device).unsqueeze(0)
@@ -505,10 +493,15 @@ def _draft_lookup(draft: list[int], written: list[int], cursor: int, longest: in
 class _PlanState:
     """One row's progress through a format plan during batched decoding."""
 
-    def __init__(self, plan):
+    def __init__(self, plan, draft: list[int] = ()):
         self.plan = plan
         self.started = False
         self.pending: list[int] = []  # tokens decided or forced but not yet fed to the LLM
+        self.draft = list(draft)  # the encoder's draft of the whole answer (speculative writing), or empty
+        self.written: list[int] = []  # answer tokens in the LLM's cache
+        self.cursor = 0  # where in the draft the answer stands
+        self.drafted_from: int | None = 0  # where in the draft this pass's drafted tokens start (None: none)
+        self.pending_fed = 0  # how many tokens this pass feeds before the drafted ones
         self.pieces: list[str] = []
         self.decisions: list[Decision] = []
         self.options = None
@@ -546,6 +539,19 @@ class _PlanState:
             if self.pending or self.finished:
                 return kept
             self.decide(model, hidden[kept])
+
+    def keep(self, fed: list[int], kept: int):
+        """The first `kept` tokens fed in this pass stay in the cache: they are the answer so far."""
+        self.written += fed[:kept]
+        if self.drafted_from is not None and kept > self.pending_fed:
+            self.cursor = self.drafted_from + kept - self.pending_fed
+
+    def next_feed(self) -> list[int]:
+        """What the next pass feeds: the pending tokens, then the draft from where the answer meets it again."""
+        self.drafted_from, drafted = (None, []) if self.finished or not self.draft else \
+            _draft_lookup(self.draft, self.written + self.pending, self.cursor)
+        self.pending_fed = len(self.pending)
+        return self.pending + drafted
 
     def decide(self, model: AULlava, hidden: torch.Tensor):
         """Pick the next token among the options' continuations by the LLM's own logits."""
