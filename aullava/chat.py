@@ -556,8 +556,15 @@ class LLMStreamer:
         return torch.tensor([self.model.tokenizer.encode(text, add_special_tokens=False)])
 
     def head_cache(self, ids):
-        """A copy of the keys and values of the prompt's fixed head (INSTRUCTION + EXAMPLES), computed once per
-        model, if `ids` start with that head (else None). Call it with the adapter off, as generation runs."""
+        """A copy of the keys and values of the prompt's fixed head (INSTRUCTION + EXAMPLES) if `ids` start with
+        that head, else None. Call it with the adapter off, as generation runs."""
+        head, cache = self._head()
+        if ids.shape[1] <= len(head) or tuple(ids[0, :len(head)].tolist()) != head:
+            return None
+        return copy.deepcopy(cache)
+
+    def _head(self):
+        """(token ids, KV cache) of the prompt's fixed head, computed once per model."""
         import torch
 
         from .llm import chat_prompt
@@ -565,13 +572,26 @@ class LLMStreamer:
         tokenizer = self.model.tokenizer
         text = chat_prompt(tokenizer, list(EXAMPLES), system=INSTRUCTION, add_generation_prompt=False)
         head = tuple(tokenizer.encode(text, add_special_tokens=False))
-        if ids.shape[1] <= len(head) or tuple(ids[0, :len(head)].tolist()) != head:
-            return None
         stored = _HEAD_CACHES.get(self.model)
         if stored is None or stored[0] != head:
             output = self.model.llm(input_ids=torch.tensor([head]), use_cache=True)
             stored = _HEAD_CACHES[self.model] = (head, output.past_key_values)
-        return copy.deepcopy(stored[1])
+        return stored
+
+    def warm(self):
+        """Read the prompt's fixed head now (at start-up) instead of on the first question."""
+        import torch
+
+        def read():
+            with self._adapter_off(), torch.no_grad():
+                self._head()
+
+        on_model_thread = getattr(self.model, "on_model_thread", None)
+        if on_model_thread is not None:
+            on_model_thread(read)
+        else:
+            with self.lock:
+                read()
 
     def __call__(self, system: str, messages: list) -> Iterator[str]:
         import torch

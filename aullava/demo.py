@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import facs, plots
+from . import chat as chat_lib, facs, plots
 from . import formats as fmt_lib
 from .chat import FaceFacts
 from .face import FaceError
@@ -73,10 +73,12 @@ def get_analyzer():
 
 
 def warm_up(formats=("list",)):
-    """Load the model and compute the prompt prefix of some formats (for a background thread at start-up)."""
+    """Load the model and compute the prompt prefix of some formats and of the chat (for a background thread at
+    start-up)."""
     try:
         analyzer = get_analyzer()
         analyzer.model.warm(formats)
+        chat_lib.LLMStreamer(analyzer.model, lock=analyzer.lock).warm()
     except Exception:  # noqa: BLE001 - reported again, as a sentence, on the first request
         logger.exception("warm-up failed")
 

@@ -280,6 +280,32 @@ def test_llm_streamer_reuses_the_prompt_heads_keys_and_values(tiny_model):
     assert not any(n in full for n in calls)  # no question made the model re-read its whole prompt
 
 
+def test_warming_the_streamer_reads_the_head_with_the_adapter_off(tiny_model):
+    import torch
+
+    lora_b = [p for name, p in tiny_model.llm.named_parameters() if "lora_B" in name]
+    saved = [p.detach().clone() for p in lora_b]
+    try:
+        with torch.no_grad():
+            for p in lora_b:  # a fresh adapter changes nothing (B = 0): give it an effect
+                p.normal_(0, 0.5)
+        chat._HEAD_CACHES.pop(tiny_model, None)
+        chat.LLMStreamer(tiny_model).warm()
+        head, cache = chat._HEAD_CACHES[tiny_model]
+        ids = torch.tensor([head])
+        with torch.no_grad():
+            adapted = tiny_model.llm(input_ids=ids, use_cache=True).past_key_values
+            with tiny_model.adapter_disabled():
+                base = tiny_model.llm(input_ids=ids, use_cache=True).past_key_values
+    finally:
+        with torch.no_grad():
+            for p, value in zip(lora_b, saved):
+                p.copy_(value)
+        chat._HEAD_CACHES.pop(tiny_model, None)
+    assert torch.allclose(cache.layers[0].keys, base.layers[0].keys)
+    assert not torch.allclose(cache.layers[0].keys, adapted.layers[0].keys)
+
+
 def test_llm_streamer_stops_when_closed_early(tiny_model):
     streamer = chat.LLMStreamer(tiny_model, max_new_tokens=60)
     stream = streamer(*chat.build_messages("what does AU6 mean?", SMILE))
