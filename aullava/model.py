@@ -414,8 +414,14 @@ class AULlava(nn.Module):
         the LLM decides otherwise, and after that decision the rest of the draft is fed again where the
         answer's last tokens occur in it (`_draft_lookup`). The answer is the
         LLM's own, the same as without a draft (up to float rounding of a batched pass); when the LLM agrees
-        with its encoder's head (most faces), the whole answer costs one pass instead of one per decision."""
-        return self.on_model_thread(self._generate, chip, landmarks, format_name, self.asked_aus(aus), speculate)
+        with its encoder's head (most faces), the whole answer costs one pass instead of one per decision.
+        Speculating, the faces are written one at a time: in a batch every pass is as long as the longest
+        row's feed, so one face whose draft goes wrong makes every pass of the batch long."""
+        aus = self.asked_aus(aus)
+        if not speculate or chip.shape[0] == 1:
+            return self.on_model_thread(self._generate, chip, landmarks, format_name, aus, speculate)
+        return [generation for i in range(chip.shape[0]) for generation in
+                self.on_model_thread(self._generate, chip[i:i + 1], landmarks[i:i + 1], format_name, aus, True)]
 
     def draft_ids(self, format_name: str, au_logits: torch.Tensor, aus) -> list[list[int]]:
         """Per face, the answer tokens the format's plan writes for the AUs the encoder's head finds present

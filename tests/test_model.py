@@ -73,19 +73,22 @@ def test_a_draft_the_llm_agrees_with_costs_one_pass(tiny_model, name, monkeypatc
     chip, landmarks = _faces(3, seed=3)
     fmt = fmt_lib.get_format(name)
     plain = [g.text for g in tiny_model.generate(chip, landmarks, name, speculate=False)]
-    right = [tiny_model.answer_ids(name, fmt.parse(text, AUS)) for text in plain]
-    monkeypatch.setattr(tiny_model, "draft_ids", lambda *args: right)
     calls = _passes(tiny_model, monkeypatch)
-    assert [g.text for g in tiny_model.generate(chip, landmarks, name)] == plain
-    assert len(calls) == 1
-    # a draft wrong from its first decision costs passes but not the answer
-    flipped = [[a for a in AUS if not fmt.parse(text, AUS).present[a]] for text in plain]
-    wrong = [tiny_model.answer_ids(name, fmt_lib.AUResult.from_active(AUS, active, {a: 3.0 for a in active}))
-             for active in flipped]
-    monkeypatch.setattr(tiny_model, "draft_ids", lambda *args: wrong)
-    assert [g.text for g in tiny_model.generate(chip, landmarks, name)] == plain
-    if name in ("binary", "intensity"):  # every value flipped: the LLM decides otherwise at every AU
-        assert len(calls) - 1 == len(AUS)  # one pass per AU: the draft is picked up again after each
+    for i, text in enumerate(plain):  # speculating, generate writes one face at a time
+        face = chip[i:i + 1], landmarks[i:i + 1]
+        right = [tiny_model.answer_ids(name, fmt.parse(text, AUS))]
+        monkeypatch.setattr(tiny_model, "draft_ids", lambda *args: right)
+        calls.clear()
+        assert tiny_model.generate(*face, name)[0].text == text
+        assert len(calls) == 1
+        # a draft wrong from its first decision costs passes but not the answer
+        flipped = [a for a in AUS if not fmt.parse(text, AUS).present[a]]
+        wrong = [tiny_model.answer_ids(name, fmt_lib.AUResult.from_active(AUS, flipped, {a: 3.0 for a in flipped}))]
+        monkeypatch.setattr(tiny_model, "draft_ids", lambda *args: wrong)
+        calls.clear()
+        assert tiny_model.generate(*face, name)[0].text == text
+        if name in ("binary", "intensity"):  # every value flipped: the LLM decides otherwise at every AU
+            assert len(calls) == len(AUS)  # one pass per AU: the draft is picked up again after each
 
 
 def test_every_caller_thread_runs_the_llm_on_the_torch_thread(tiny_model, monkeypatch):
