@@ -92,8 +92,8 @@ if crossval_dir:
               f"`python -m aullava crossval` on ckplus48: per fold the whole model (encoder {budget['encoder_steps']} "
               f"steps, projector {budget['projector_steps']} and LoRA {budget['lora_steps']} steps at batch "
               f"{budget['batch_size']}, far less than the shipped checkpoint) was trained on the other folds' subjects "
-              f"and its written answers scored on the fold's peak + neutral frames. Wall time on this 2-core CPU: "
-              f"{full['seconds'] / 60:.0f} min, shared with other jobs. Reproduce: `python -m aullava crossval "
+              f"and its written answers scored on the fold's peak + neutral frames. Time inside the command on this "
+              f"2-core CPU: {full['seconds'] / 60:.0f} min. Reproduce: `python -m aullava crossval "
               f"--manifest ../shared/data/ckplus48/manifest.csv --folds {full['folds']} --encoder-steps "
               f"{budget['encoder_steps']} --projector-steps {budget['projector_steps']} --lora-steps "
               f"{budget['lora_steps']} --formats {' '.join(full['formats'])} --out cv`", "",
@@ -104,13 +104,20 @@ if intensity:
 extra = checkpoint / "EXTRA.md"
 if extra.exists():
     lines += [extra.read_text(), ""]
-lines += ["## Retrain", "```bash",
-          "python -m aullava train --manifest ../shared/data/ckplus48/manifest.csv --out runs/ckplus \\",
-          f"  --encoder-steps {train_config.get('encoder_steps')} --projector-steps {train_config.get('projector_steps')} "
-          f"--lora-steps {train_config.get('lora_steps')} --batch-size {train_config.get('batch_size')} --hold-out {','.join(held_out)}",
-          "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint runs/ckplus/checkpoint \\",
-          f"  --subjects {','.join(held_out)} --formats list binary intensity continuous json sentence --out metrics.json",
-          "```", ""]
+retrain = checkpoint / "RETRAIN.md"  # how the checkpoint was really trained, when one command does not say it
+if retrain.exists():
+    lines += [retrain.read_text(), ""]
+else:
+    lines += ["## Retrain", "```bash",
+              "python -m aullava train --manifest ../shared/data/ckplus48/manifest.csv --out runs/ckplus \\",
+              f"  --encoder-steps {train_config.get('encoder_steps')} --projector-steps "
+              f"{train_config.get('projector_steps')} --lora-steps {train_config.get('lora_steps')} --batch-size "
+              f"{train_config.get('batch_size')} --hold-out {','.join(held_out)}",
+              "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint "
+              "runs/ckplus/checkpoint \\",
+              f"  --subjects {','.join(held_out)} --formats list binary intensity continuous json sentence "
+              "--out metrics.json",
+              "```", ""]
 (checkpoint / "README.md").write_text("\n".join(lines))
 (checkpoint / "metrics.json").write_text(json.dumps(report, indent=2))
 if cv:
