@@ -525,6 +525,19 @@ def respond(message, facts: FaceFacts | None, history: Iterable = (), generate: 
 
 # ----- streaming from the base LLM -------------------------------------------------------------------------
 _HEAD_CACHES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # model -> (head token ids, its KV cache)
+LOOKUP_NGRAM = 2  # the answer's last tokens looked up in the prompt to draft what follows them
+LOOKUP_TOKENS = 8  # drafted tokens per pass at most
+
+
+def _lookup_draft(tokens: list[int], ngram: int, limit: int) -> list[int]:
+    """The tokens that followed the last `ngram` tokens where they last occurred before, at most `limit`."""
+    if limit <= 0 or len(tokens) <= ngram:
+        return []
+    tail = tokens[-ngram:]
+    for start in range(len(tokens) - ngram - 1, -1, -1):
+        if tokens[start:start + ngram] == tail:
+            return tokens[start + ngram: start + ngram + limit]
+    return []
 
 
 class LLMStreamer:
@@ -578,6 +591,45 @@ class LLMStreamer:
             stored = _HEAD_CACHES[self.model] = (head, output.past_key_values)
         return stored
 
+    def write(self, ids, cache, stop_ids, emit, cancelled=None) -> list[int]:
+        """Greedy decoding of the answer to the prompt `ids` (`cache`: keys and values of its first tokens, or
+        None), emitting each accepted token (a tensor) as it comes; returns the answer's tokens.
+
+        Prompt-lookup drafting: the answers mostly repeat the facts, so after each token the tokens that
+        followed the answer's last LOOKUP_NGRAM tokens where they last occur in the prompt (or answer) are fed
+        too, and kept as far as they are the LLM's own greedy choices. Memory-bound on this CPU, a pass over a
+        few tokens costs about one over a single token, so a copied span costs one pass instead of one per
+        token. The answer is the one plain greedy decoding writes (up to float rounding of a longer pass)."""
+        import torch
+
+        llm = self.model.llm
+        context = ids[0].tolist()
+        feed = context[cache.get_seq_length() if cache is not None else 0:]
+        answer: list[int] = []
+        while len(answer) < self.max_new_tokens and not (cancelled is not None and cancelled.is_set()):
+            room = min(LOOKUP_TOKENS, self.max_new_tokens - len(answer) - 1)
+            draft = _lookup_draft(context + answer, LOOKUP_NGRAM, room)
+            output = llm(input_ids=torch.tensor([feed + draft]), past_key_values=cache, use_cache=True)
+            cache = output.past_key_values
+            choices = output.logits[0, len(feed) - 1:].argmax(-1).tolist()  # the LLM's token after each fed one
+            kept = 0
+            while kept < len(draft) and draft[kept] == choices[kept]:
+                kept += 1
+            accepted = draft[:kept] + [choices[kept]]
+            if kept < len(draft):
+                cache.crop(-(len(draft) - kept))  # the drafted tokens after the LLM's first other choice
+            for position, token in enumerate(accepted):
+                if token in stop_ids:
+                    accepted = accepted[:position]
+                    break
+            answer += accepted
+            if accepted:
+                emit(torch.tensor(accepted))
+            if len(accepted) < kept + 1 or len(answer) >= self.max_new_tokens:
+                break  # a stop token, or the length limit
+            feed = [accepted[-1]]
+        return answer[: self.max_new_tokens]
+
     def warm(self):
         """Read the prompt's fixed head now (at start-up) instead of on the first question."""
         import torch
@@ -595,29 +647,21 @@ class LLMStreamer:
 
     def __call__(self, system: str, messages: list) -> Iterator[str]:
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+        from transformers import TextIteratorStreamer
 
         tokenizer = self.model.tokenizer
         ids = self.prompt_ids(system, messages)
-        streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
-        stop_ids = sorted({t for t in (getattr(self.model, "eos_id", None), tokenizer.eos_token_id)
-                           if t is not None})
+        streamer = TextIteratorStreamer(tokenizer, skip_prompt=False, skip_special_tokens=True, timeout=120)
+        stop_ids = {t for t in (getattr(self.model, "eos_id", None), tokenizer.eos_token_id) if t is not None}
         cancelled = threading.Event()
         failure: list[BaseException] = []
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), cancelled.is_set(), dtype=torch.bool)
-
         on_model_thread = getattr(self.model, "serve_on_torch_thread", False)  # one job at a time there: no lock
 
         def work():
             try:
                 with (contextlib.nullcontext() if on_model_thread else self.lock), self._adapter_off(), torch.no_grad():
-                    self.model.llm.generate(
-                        input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=self.head_cache(ids),
-                        streamer=streamer, max_new_tokens=self.max_new_tokens, do_sample=False, eos_token_id=stop_ids,
-                        pad_token_id=tokenizer.pad_token_id, stopping_criteria=StoppingCriteriaList([_Cancelled()]))
+                    self.write(ids, self.head_cache(ids), stop_ids, streamer.put, cancelled)
+                streamer.end()
             except BaseException as error:  # noqa: BLE001 - re-raised in the consumer
                 failure.append(error)
                 streamer.end()

@@ -232,20 +232,20 @@ def test_llm_streamer_runs_the_base_llm_with_the_adapter_off(tiny_model, monkeyp
 
     layer = next(m for m in tiny_model.llm.modules() if isinstance(m, BaseTunerLayer))
     seen = []
-    original = tiny_model.llm.generate
+    original = tiny_model.llm.forward
 
     def spy(*args, **kwargs):
-        # inside generation the adapter is switched off, on the model's own thread, which holds the model's lock
+        # every pass runs with the adapter switched off, on the model's own thread, which holds the model's lock
         seen.append((layer.disable_adapters, threading.current_thread().name.startswith("aullava-torch"),
                      tiny_model._lock._is_owned()))
         return original(*args, **kwargs)
 
-    tiny_model.llm.generate = spy
+    tiny_model.llm.forward = spy
     try:
         pieces = list(streamer(system, messages))
     finally:
-        del tiny_model.llm.generate
-    assert seen == [(True, True, True)]
+        del tiny_model.llm.forward
+    assert seen and set(seen) == {(True, True, True)}
     assert isinstance("".join(pieces), str)
     assert layer.disable_adapters is False  # the adapter is back on for AU generation
     assert lock.acquire(blocking=False)  # released after the generation
@@ -328,3 +328,24 @@ def test_genuine_smile_wording_with_negated_alternatives_is_accepted():
     assert chat.check_answer("It is a genuine smile, not a fake one: AU6 with AU12.", SMILE, intent) is None
     assert chat.check_answer("It is not a genuine smile.", SMILE, intent) is not None
     assert chat.check_answer("It is not a genuine smile: AU12 without AU6.", SOCIAL, intent) is None
+
+
+def test_drafted_writing_is_plain_greedy_decoding(tiny_model):
+    """write() drafts from the prompt and keeps only the LLM's own choices: the answer greedy generate gives."""
+    import torch
+
+    streamer = chat.LLMStreamer(tiny_model, max_new_tokens=24)
+    for question in ("how strong is AU12?", "what does AU6 mean?"):
+        ids = streamer.prompt_ids(*chat.build_messages(question, SMILE))
+        with torch.no_grad(), tiny_model.adapter_disabled():
+            plain = tiny_model.llm.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                            max_new_tokens=24, min_new_tokens=24)[0, ids.shape[1]:].tolist()
+            pieces = []
+            written = streamer.write(ids, streamer.head_cache(ids), set(), pieces.append)
+        assert written == plain and torch.cat(pieces).tolist() == plain
+
+
+def test_lookup_drafts_what_followed_the_last_tokens_before():
+    assert chat._lookup_draft([5, 6, 7, 8, 9, 5, 6], 2, 3) == [7, 8, 9]
+    assert chat._lookup_draft([5, 6, 7, 5, 6, 1, 5, 6], 2, 2) == [1, 5]  # the latest occurrence
+    assert chat._lookup_draft([1, 2, 3], 2, 4) == [] and chat._lookup_draft([5, 6, 5, 6], 2, 0) == []
