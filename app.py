@@ -237,6 +237,9 @@ def live(frame, mode=logic.LIVE_DEFAULT, state=None):
         logger.exception("live frame failed")
         return f"{prefix}: {logic.error_sentence(error)}", gr.skip(), gr.skip(), gr.skip(), state
     status = f"{prefix}: {what} for the largest face took {time.perf_counter() - now:.2f} s."
+    if state.get("shown") == (mode, text):  # the same answer as the last frame: its text and chart stay up
+        return status, gr.skip(), gr.skip(), picture, state
+    state["shown"] = (mode, text)
     return status, text, bars, picture, state
 
 

@@ -423,6 +423,10 @@ def test_live_frames_show_the_read_out_or_the_written_answer(monkeypatch):
     assert status.startswith("Live update 2 (") and "the model's own written answer (List of active AUs)" in status
     assert text == "AU06, AU12" and chart.size[0] > 200 and overlay.size[0] > 100
     assert calls[-1] == ("describe", demo.LIVE_FORMAT)
+    status, text, chart, overlay, state = app.live(frame, "written", state)  # the same answer again
+    assert status.startswith("Live update 3 (") and "the model's own written answer" in status
+    assert isinstance(text, type(app.gr.skip())) and isinstance(chart, type(app.gr.skip()))  # stay as shown
+    assert overlay.size[0] > 100  # the face moves: its picture is always new
     status, *rest = app.live(np.zeros((240, 320, 3), dtype=np.uint8), "readout", state)
-    assert status.startswith("Live update 3 (") and status.endswith("No face was found in the image.")
-    assert rest[-1]["count"] == 3
+    assert status.startswith("Live update 4 (") and status.endswith("No face was found in the image.")
+    assert rest[-1]["count"] == 4
