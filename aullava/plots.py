@@ -104,6 +104,11 @@ def _drawn_chart(key) -> Image.Image:
     return _draw_bar_chart([dict(r) for r in rows], xmax, list(xticks), xlabel, heading, dpi, threshold)
 
 
+def forget_drawn_charts():
+    """Drop the charts kept drawn (for a benchmark of the first draw)."""
+    _drawn_chart.cache_clear()
+
+
 def _draw_bar_chart(rows, xmax, xticks, xlabel: str, heading: str, dpi: int, threshold: float | None = None):
     height = 1.2 + 0.27 * len(rows)
     fig = Figure(figsize=(6.4, height), dpi=dpi)
