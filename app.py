@@ -51,6 +51,7 @@ FORMAT_CHOICES = [(get_format(name).title, name) for name in format_names()]
 DEFAULT_FORMAT = os.environ.get("AULLAVA_DEFAULT_FORMAT", "intensity")
 CONCURRENCY = 2  # model calls run one at a time (the model's lock); 2 lets detection and drawing overlap
 LIVE_INTERVAL = 0.4  # seconds between webcam frames sent in live mode
+CHAT_UPDATE_EVERY = 0.2  # seconds between streamed chat updates at least (the last one always comes)
 READY = "Give a face: upload a photo, use the webcam, paste an image or click the example."
 MAX_UPLOAD = "20mb"  # launch(max_file_size): bigger uploads are refused before they reach the analyser
 MAX_PAGE_FACES = 10  # the page describes at most this many faces of one photo (the largest), bounding a request
@@ -173,8 +174,14 @@ def chat(message, history, session=None, face=None):
         except Exception:  # noqa: BLE001 - the computed facts still answer
             logger.exception("chat LLM unavailable")
     previous = history[:-1]
+    shown_at, text = 0.0, None
     try:
         for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
+            if time.perf_counter() - shown_at >= CHAT_UPDATE_EVERY:  # each update re-sends the whole history
+                shown_at = time.perf_counter()
+                yield history + [{"role": "assistant", "content": as_text(text)}], ""
+                text = None
+        if text is not None:  # the final reply, if the last update did not show it
             yield history + [{"role": "assistant", "content": as_text(text)}], ""
     except Exception as error:  # noqa: BLE001
         logger.exception("chat failed")

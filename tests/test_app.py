@@ -430,3 +430,13 @@ def test_live_frames_show_the_read_out_or_the_written_answer(monkeypatch):
     status, *rest = app.live(np.zeros((240, 320, 3), dtype=np.uint8), "readout", state)
     assert status.startswith("Live update 4 (") and status.endswith("No face was found in the image.")
     assert rest[-1]["count"] == 4
+
+
+def test_chat_updates_are_spaced_and_the_last_reply_always_comes(monkeypatch):
+    import app
+
+    monkeypatch.setattr(app.chat_lib, "respond", lambda *args, **kwargs: iter(f"reply {i}" for i in range(20)))
+    updates = list(app.chat("what does AU6 mean?", [], None, None))
+    assert 1 <= len(updates) < 20  # a fast stream is shown at most every CHAT_UPDATE_EVERY seconds
+    history, box = updates[-1]
+    assert history[-1] == {"role": "assistant", "content": "reply 19"} and box == ""
