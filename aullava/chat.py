@@ -261,8 +261,8 @@ INSTRUCTION = ("You are the chat assistant of AU-LLaVA, which reads facial Actio
                "the facts do not name.")
 # One worked turn about an imaginary face, its facts computed exactly as for a real question and its answer
 # those facts repeated: measured on 24 questions about 3 analysed faces, the 135M model's answer passed
-# `check_answer` 14 times with this turn, 10 with none and 11 with four varied turns (it copies the last
-# example's answer instead of its own facts).
+# `check_answer` 17 times with this turn (14 before `respond` cut the model's made-up next turn), 10 with no
+# example and 11 with four varied turns (it copies the last example's answer instead of its own facts).
 _EXAMPLE_FACE = FaceFacts(aus=facs.CKPLUS_AUS, active=(4, 15, 25), intensity={4: 2.0, 15: 3.0, 25: 1.0},
                           format_title="Discrete intensity")
 _EXAMPLE_QUESTION = "what is AU15?"
@@ -609,9 +609,11 @@ class LLMStreamer:
         while len(answer) < self.max_new_tokens and not (cancelled is not None and cancelled.is_set()):
             room = min(LOOKUP_TOKENS, self.max_new_tokens - len(answer) - 1)
             draft = _lookup_draft(context + answer, LOOKUP_NGRAM, room)
-            output = llm(input_ids=torch.tensor([feed + draft]), past_key_values=cache, use_cache=True)
+            # logits only where a choice is read: after the last fed token and after each drafted one
+            output = llm(input_ids=torch.tensor([feed + draft]), past_key_values=cache, use_cache=True,
+                         logits_to_keep=len(draft) + 1)
             cache = output.past_key_values
-            choices = output.logits[0, len(feed) - 1:].argmax(-1).tolist()  # the LLM's token after each fed one
+            choices = output.logits[0].argmax(-1).tolist()
             kept = 0
             while kept < len(draft) and draft[kept] == choices[kept]:
                 kept += 1
