@@ -607,7 +607,7 @@ class LLMStreamer:
         feed = context[cache.get_seq_length() if cache is not None else 0:]
         answer: list[int] = []
         while len(answer) < self.max_new_tokens and not (cancelled is not None and cancelled.is_set()):
-            room = min(LOOKUP_TOKENS, self.max_new_tokens - len(answer) - 1)
+            room = min(LOOKUP_TOKENS, self.max_new_tokens - len(answer) - 1)  # a pass adds at most room + 1
             draft = _lookup_draft(context + answer, LOOKUP_NGRAM, room)
             # logits only where a choice is read: after the last fed token and after each drafted one
             output = llm(input_ids=torch.tensor([feed + draft]), past_key_values=cache, use_cache=True,
@@ -627,10 +627,10 @@ class LLMStreamer:
             answer += accepted
             if accepted:
                 emit(torch.tensor(accepted))
-            if len(accepted) < kept + 1 or len(answer) >= self.max_new_tokens:
-                break  # a stop token, or the length limit
+            if len(accepted) < kept + 1:
+                break  # a stop token
             feed = [accepted[-1]]
-        return answer[: self.max_new_tokens]
+        return answer
 
     def warm(self):
         """Read the prompt's fixed head now (at start-up) instead of on the first question."""
