@@ -175,8 +175,39 @@ class AUEncoder(nn.Module):
         self.head = AUQueryHead(dim, num_aus, layers=config.get("head_layers", 2))
         self.hidden_size = dim
 
-    def forward(self, chip: torch.Tensor, landmarks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.backbone(chip, landmarks))
+    def forward(self, chip: torch.Tensor, landmarks: torch.Tensor, per_member: bool = False):
+        """`per_member` gives the logits a leading members axis (of 1 here), as `EncoderEnsemble` does."""
+        tokens, logits = self.head(self.backbone(chip, landmarks))
+        return tokens, (logits.unsqueeze(0) if per_member else logits)
+
+
+class EncoderEnsemble(nn.Module):
+    """`members` AU encoders of one config, each from its own initial weights and trained on its own loss.
+
+    Their AU tokens are joined feature-wise (still one token per AU, `members x dim` wide, for the projector)
+    and their logits averaged. On ~70 training subjects one encoder's held-out F1 moves by ~0.03 from run to
+    run (the order of float sums is enough); averaging independently initialised members steadies it."""
+
+    def __init__(self, config: dict, num_aus: int):
+        super().__init__()
+        self.config = dict(config)
+        self.members = nn.ModuleList(AUEncoder(config, num_aus) for _ in range(int(config["members"])))
+        self.hidden_size = sum(member.hidden_size for member in self.members)
+
+    def forward(self, chip: torch.Tensor, landmarks: torch.Tensor, per_member: bool = False):
+        """-> (au_tokens [B,K,members*dim], logits [B,K] averaged, or [members,B,K] with `per_member`)."""
+        outputs = [member(chip, landmarks) for member in self.members]
+        tokens = torch.cat([member_tokens for member_tokens, _ in outputs], dim=-1)
+        logits = torch.stack([member_logits for _, member_logits in outputs])
+        return tokens, (logits if per_member else logits.mean(0))
+
+
+def build_encoder(config: dict, num_aus: int) -> nn.Module:
+    """One `AUEncoder`, or an `EncoderEnsemble` where the config asks for `members` > 1."""
+    members = int(config.get("members", 1))
+    if members < 1:
+        raise ValueError(f"encoder members must be at least 1, not {members}")
+    return EncoderEnsemble(config, num_aus) if members > 1 else AUEncoder(config, num_aus)
 
 
 def face_tensors(chip: np.ndarray, chip_landmarks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

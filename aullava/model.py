@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from transformers import DynamicCache
 
 from . import formats as fmt_lib
-from .encoders import AUEncoder
+from .encoders import build_encoder
 from .llm import on_torch_thread, submit_to_torch_thread
 
 # The model's AUs: every AU with at least 10 positive peak frames in the shared CK+ data.
@@ -91,11 +91,11 @@ class _OptionTrie:
 
 
 class AULlava(nn.Module):
-    def __init__(self, config: AULlavaConfig, causal_lm, tokenizer, encoder: AUEncoder | None = None):
+    def __init__(self, config: AULlavaConfig, causal_lm, tokenizer, encoder: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.tokenizer = tokenizer
-        self.encoder = encoder if encoder is not None else AUEncoder(config.encoder, len(config.aus))
+        self.encoder = encoder if encoder is not None else build_encoder(config.encoder, len(config.aus))
         self.llm = causal_lm  # a transformers causal LM, or a peft PeftModel around one
         self.projector = nn.Linear(self.encoder.hidden_size, self._causal_lm().config.hidden_size)
         self._prefix_cache: dict[str, tuple] = {}

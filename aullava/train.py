@@ -184,9 +184,15 @@ class Trainer:
 
     # ----- one step ----------------------------------------------------------------------------------
     def _aux_loss(self, logits, indices, reduction: str = "mean"):
-        """Per-AU presence loss over the known labels: their mean, or their sum (`reduction="sum"`)."""
+        """Per-AU presence loss over the known labels: their mean, or their sum (`reduction="sum"`).
+
+        Logits with a leading members axis (an encoder ensemble's, per member) give each member its own loss,
+        averaged over members: the members stay independent learners rather than one model of their mean."""
         known = self.known[indices].to(logits.device)
-        losses = F.binary_cross_entropy_with_logits(logits.float(), self.labels[indices].to(logits.device),
+        labels = self.labels[indices].to(logits.device)
+        if logits.dim() == 3:
+            labels, known = labels.expand_as(logits), known.expand_as(logits) / logits.shape[0]
+        losses = F.binary_cross_entropy_with_logits(logits.float(), labels,
                                                     pos_weight=self.pos_weight.to(logits.device), reduction="none")
         total = (losses * known).sum()
         return total if reduction == "sum" else total / known.sum().clamp(min=1)
@@ -216,7 +222,8 @@ class Trainer:
 
         def micro_loss(part):
             with self.accelerator.autocast():
-                _, logits = self.model.encoder(chip[part].to(self.device), landmarks[part].to(self.device))
+                _, logits = self.model.encoder(chip[part].to(self.device), landmarks[part].to(self.device),
+                                               per_member=True)
             return {"aux": self._aux_loss(logits, indices[part], reduction="sum")}
 
         means = self._accumulate(micro_loss, batch_size, {"aux": float(self.known[indices].sum().clamp(min=1))}, {"aux": 1.0})

@@ -20,13 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from aullava.data.faces import face_batch, prepare_faces  # noqa: E402
 from aullava.data.manifest import read_manifest, subject_folds  # noqa: E402
 from aullava.evaluate import EVAL_KINDS, MIN_POSITIVES, presence_metrics  # noqa: E402
+from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
 
 
-def run_fold(manifest, held_out, steps, seed, log) -> tuple[np.ndarray, np.ndarray, list]:
+def run_fold(manifest, held_out, steps, seed, log, members: int = 1) -> tuple[np.ndarray, np.ndarray, list]:
+    encoder = {**AULlavaConfig().encoder, "members": members}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(manifest=manifest, out=out, held_out_subjects=tuple(sorted(held_out)),
-                                      encoder_steps=steps, projector_steps=0, lora_steps=0, seed=seed), log=log)
+                                      encoder_steps=steps, projector_steps=0, lora_steps=0, seed=seed,
+                                      model={"encoder": encoder}), log=log)
         trainer.run(resume=False)
         encoder, aus = trainer.model.encoder.eval(), trainer.aus
     test = [s for s in read_manifest(manifest, kinds=EVAL_KINDS) if s.subject in held_out]
@@ -44,17 +47,22 @@ def main():
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--members", type=int, default=1, help="encoders averaged (an ensemble), default 1")
+    parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     samples = read_manifest(args.manifest)
     folds = subject_folds(samples, args.folds, seed=args.seed)
-    report = {"folds": [], "steps": args.steps, "seed": args.seed}
+    report = {"folds": [], "steps": args.steps, "seed": args.seed, "members": args.members}
     truths, predictions = [], []
     for index, held_out in enumerate(folds):
-        truth, predicted, aus = run_fold(args.manifest, held_out, args.steps, args.seed, log=print)
+        if args.only and index not in args.only:
+            continue
+        truth, predicted, aus = run_fold(args.manifest, held_out, args.steps, args.seed, log=print,
+                                         members=args.members)
         metrics = presence_metrics(truth, predicted, aus)
         print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}", flush=True)
-        report["folds"].append({"held_out": sorted(held_out), "images": len(truth), **metrics})
+        report["folds"].append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics})
         truths.append(truth)
         predictions.append(predicted)
     pooled = presence_metrics(np.concatenate(truths), np.concatenate(predictions), aus)

@@ -213,3 +213,27 @@ def test_merged_lora_gives_the_same_answers_and_still_switches_off(tiny_model, t
     for name in ("list", "binary"):
         assert [g.text for g in merged.generate(chip, landmarks, name)] == \
                [g.text for g in tiny_model.generate(chip, landmarks, name)]
+
+
+def test_encoder_ensemble_joins_tokens_averages_logits_and_round_trips(tmp_path):
+    from aullava.encoders import EncoderEnsemble, build_encoder
+    from aullava.llm import tiny_llm
+
+    torch.manual_seed(1)
+    llm, tokenizer = tiny_llm(seed=0)
+    encoder = {"type": "landmark_patch", "dim": 16, "chip_size": 64, "channels": 8, "head_layers": 1, "members": 3}
+    model = AULlava(AULlavaConfig(aus=AUS, encoder=encoder, lora=None), llm, tokenizer).eval()
+    assert isinstance(model.encoder, EncoderEnsemble) and model.projector.in_features == 48
+    chip, landmarks = _faces(2, seed=5)
+    with torch.no_grad():
+        tokens, logits = model.encoder(chip, landmarks)
+        _, per_member = model.encoder(chip, landmarks, per_member=True)
+        one_tokens, one_logits = model.encoder.members[1](chip, landmarks)
+    assert tokens.shape == (2, len(AUS), 48) and per_member.shape == (3, 2, len(AUS))
+    assert torch.allclose(logits, per_member.mean(0)) and torch.equal(tokens[..., 16:32], one_tokens)
+    assert not torch.allclose(per_member[0], per_member[1])  # members start from their own weights
+    path = save_pretrained(model, tmp_path / "ensemble")
+    loaded = from_pretrained(path, llm=tiny_llm(seed=0)[0], tokenizer=tokenizer)
+    assert [g.text for g in loaded.generate(chip, landmarks, "list")] == [g.text for g in model.generate(chip, landmarks, "list")]
+    with pytest.raises(ValueError, match="members must be at least 1"):
+        build_encoder({**encoder, "members": 0}, len(AUS))

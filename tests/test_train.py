@@ -45,6 +45,23 @@ def test_training_lowers_the_loss(trained):
     assert card["training"]["faces"] == 6 and card["aus"] == list(TINY_MODEL["aus"])
 
 
+def test_each_ensemble_member_learns_from_its_own_loss(tiny_manifest, tmp_path):
+    model = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "members": 2}}
+    trainer = Trainer(_config(tiny_manifest, tmp_path, model=model, encoder_steps=0, projector_steps=0, lora_steps=0))
+    indices = np.arange(len(trainer.table))
+    logits = torch.randn(2, len(indices), len(TINY_MODEL["aus"]))
+    per_member = [trainer._aux_loss(member, indices) for member in logits]
+    assert torch.allclose(trainer._aux_loss(logits, indices), torch.stack(per_member).mean())
+    # the mean of the losses, not the loss of the mean: members are not trained as one averaged model
+    assert not torch.allclose(trainer._aux_loss(logits, indices), trainer._aux_loss(logits.mean(0), indices))
+    before = [[p.detach().clone() for p in member.parameters()] for member in trainer.model.encoder.members]
+    trainer.config.encoder_steps = 40
+    trainer.run()
+    for member, weights in zip(trainer.model.encoder.members, before):
+        assert any(not torch.equal(p, w) for p, w in zip(member.parameters(), weights))
+    assert _mean(trainer.history, "encoder", "last") < _mean(trainer.history, "encoder", "first")
+
+
 def test_training_resumes_where_it_stopped(tiny_manifest, tmp_path):
     first = Trainer(_config(tiny_manifest, tmp_path, lora_steps=0))
     first.run()
