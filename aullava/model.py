@@ -260,14 +260,10 @@ class AULlava(nn.Module):
         prefix_len, kv, suffix = self._prefix(format_name, reuse=reuse_prefix, aus=aus)
         batch = chip.shape[0]
         image, au_logits = self.image_embeddings(chip, landmarks)
-        width = max(len(a) for a in answers)
-        ids = torch.full((batch, len(suffix) + width), self.eos_id, dtype=torch.long)
-        mask = torch.zeros(batch, prefix_len + image.shape[1] + ids.shape[1], dtype=torch.long)
-        mask[:, : prefix_len + image.shape[1] + len(suffix)] = 1
-        for row, answer in enumerate(answers):
-            ids[row, : len(suffix)] = torch.tensor(suffix)
-            ids[row, len(suffix): len(suffix) + len(answer)] = torch.tensor(answer)
-            mask[row, prefix_len + image.shape[1] + len(suffix): prefix_len + image.shape[1] + len(suffix) + len(answer)] = 1
+        fed = [list(suffix) + list(answer) for answer in answers]
+        ids = _padded(fed, self.eos_id)
+        filled = torch.arange(ids.shape[1]) < torch.tensor([len(row) for row in fed]).unsqueeze(1)
+        mask = torch.cat([torch.ones(batch, prefix_len + image.shape[1], dtype=torch.long), filled.long()], dim=1)
         ids, mask = ids.to(image.device), mask.to(image.device)
         token_embeds = self._causal_lm().get_input_embeddings()(ids)
         embeds = torch.cat([image.to(token_embeds.dtype), token_embeds], dim=1)
