@@ -103,6 +103,7 @@ class AULlava(nn.Module):
         self.projector = nn.Linear(self.encoder.hidden_size + int(config.projector_evidence),
                                    self._causal_lm().config.hidden_size)
         self._prefix_cache: dict[str, tuple] = {}
+        self._option_tries: dict[tuple, _OptionTrie] = {}
         self._switchable: list[tuple] = []  # (parameter, pre-trained tensor, merged tensor), see merge_lora
         self._lock = threading.RLock()
         self.serve_on_torch_thread = False  # see on_model_thread
@@ -405,8 +406,14 @@ class AULlava(nn.Module):
             except StopIteration:
                 return ids + [self.eos_id], decisive + [None]
 
-    def _option_trie(self, options) -> _OptionTrie:
-        return _OptionTrie({o: ([self.eos_id] if o is fmt_lib.END else self.encode(o)) for o in options})
+    def _option_trie(self, options: tuple) -> _OptionTrie:
+        """The token trie of a choice's options, built once per distinct options: a format asks the same
+        choices of every face, and tokenizing 20 options anew took 0.8 ms at each decision."""
+        trie = self._option_tries.get(options)
+        if trie is None:
+            trie = self._option_tries[options] = _OptionTrie(
+                {o: ([self.eos_id] if o is fmt_lib.END else self.encode(o)) for o in options})
+        return trie
 
     @torch.no_grad()
     def generate(self, chip, landmarks, format_name: str, aus=None, speculate: bool = True) -> list[Generation]:
