@@ -24,7 +24,8 @@ from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
 
 
-def run_fold(manifest, held_out, steps, seed, log, members: int = 1) -> tuple[np.ndarray, np.ndarray, list]:
+def run_fold(manifest, held_out, steps, seed, log, members: int = 1) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
     encoder = {**AULlavaConfig().encoder, "members": members}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(manifest=manifest, out=out, held_out_subjects=tuple(sorted(held_out)),
@@ -36,9 +37,9 @@ def run_fold(manifest, held_out, steps, seed, log, members: int = 1) -> tuple[np
     table = prepare_faces(test, progress=False)
     with torch.no_grad():
         chip, landmarks = face_batch(table, range(len(table)), trainer.model.config.chip_size)
-        _, logits = encoder(chip, landmarks)
+        _, per_member = encoder(chip, landmarks, per_member=True)
     truth = np.array([[a in s.aus for a in aus] for s in table.samples])
-    return truth, (logits > 0).numpy(), aus
+    return truth, (per_member.mean(0) > 0).numpy(), aus, [(m > 0).numpy() for m in per_member]
 
 
 def main():
@@ -58,11 +59,14 @@ def main():
     for index, held_out in enumerate(folds):
         if args.only and index not in args.only:
             continue
-        truth, predicted, aus = run_fold(args.manifest, held_out, args.steps, args.seed, log=print,
-                                         members=args.members)
+        truth, predicted, aus, members = run_fold(args.manifest, held_out, args.steps, args.seed, log=print,
+                                                  members=args.members)
         metrics = presence_metrics(truth, predicted, aus)
-        print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}", flush=True)
-        report["folds"].append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics})
+        member_f1 = [presence_metrics(truth, m, aus)["macro_f1"] for m in members]
+        print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}"
+              + (f" (members alone: {', '.join(map(str, member_f1))})" if len(members) > 1 else ""), flush=True)
+        report["folds"].append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics,
+                                **({"members_macro_f1": member_f1} if len(members) > 1 else {})})
         truths.append(truth)
         predictions.append(predicted)
     pooled = presence_metrics(np.concatenate(truths), np.concatenate(predictions), aus)
