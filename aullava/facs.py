@@ -53,6 +53,9 @@ AUS: dict[int, ActionUnit] = {n: ActionUnit(n, name, muscles, region) for n, nam
 # FACS intensity letters: A trace, B slight, C marked, D severe, E maximum (0 = absent).
 INTENSITY_LETTERS = "ABCDE"
 INTENSITY_WORDS = ("absent", "trace", "slight", "marked", "severe", "maximum")
+# The level taught (and drafted) for a present AU where no label codes its intensity and no coded example
+# gives a mean: C, "marked", the middle of the scale.
+UNCODED_INTENSITY = 3
 
 # AU sets coded by the datasets the paper trains on (and CK+, which ships here for development).
 BP4D_AUS = (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24)

@@ -26,6 +26,7 @@ from transformers import DynamicCache
 
 from . import formats as fmt_lib
 from .encoders import build_encoder
+from .facs import UNCODED_INTENSITY
 from .llm import on_torch_thread, submit_to_torch_thread
 
 # The model's AUs: every AU with at least 10 positive peak frames in the shared CK+ data.
@@ -441,7 +442,7 @@ class AULlava(nn.Module):
         drafts = []
         for row in au_logits[:, columns].tolist():
             active = [a for a, logit in zip(aus, row) if logit > 0]
-            result = fmt_lib.AUResult.from_active(aus, active, {a: float(levels.get(str(a), 3)) for a in active})
+            result = fmt_lib.AUResult.from_active(aus, active, {a: float(levels.get(str(a), UNCODED_INTENSITY)) for a in active})
             drafts.append(self.answer_targets(format_name, result)[0])
         return drafts
 

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..facs import UNCODED_INTENSITY
+
 REQUIRED_COLUMNS = ("path", "subject", "aus")
 COLUMNS = ("path", "subject", "sequence", "frame", "kind", "emotion", "aus", "intensities", "unknown", "coded")
 KINDS = ("peak", "near_peak", "neutral")
@@ -139,7 +141,7 @@ def split_by_subject(samples, held_out: set[str]):
     return train, test
 
 
-def default_intensities(samples, aus, fallback: int = 3) -> dict[int, int]:
+def default_intensities(samples, aus, fallback: int = UNCODED_INTENSITY) -> dict[int, int]:
     """Per AU, the rounded mean of its coded intensities: the level taught where a present AU is uncoded."""
     levels = {}
     for au in aus:
