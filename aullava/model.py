@@ -49,9 +49,6 @@ class AULlavaConfig:
         "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
     system_prompt: str = SYSTEM_PROMPT
-    # Each AU token also hands the projector its encoder head's evidence, tanh(logit / 2) in [-1, 1]: the
-    # decision the head's held-out F1 measures, as one feature the LLM can read directly.
-    projector_evidence: bool = False
     training: dict = field(default_factory=dict)  # provenance written by train.py
 
     @property
@@ -101,8 +98,7 @@ class AULlava(nn.Module):
         self.tokenizer = tokenizer
         self.encoder = encoder if encoder is not None else build_encoder(config.encoder, len(config.aus))
         self.llm = causal_lm  # a transformers causal LM, or a peft PeftModel around one
-        self.projector = nn.Linear(self.encoder.hidden_size + int(config.projector_evidence),
-                                   self._causal_lm().config.hidden_size)
+        self.projector = nn.Linear(self.encoder.hidden_size, self._causal_lm().config.hidden_size)
         self._prefix_cache: dict[str, tuple] = {}
         self._option_tries: dict[tuple, _OptionTrie] = {}
         self._switchable: list[tuple] = []  # (parameter, pre-trained tensor, merged tensor), see merge_lora
@@ -252,9 +248,6 @@ class AULlava(nn.Module):
     # ----- forward -----------------------------------------------------------------------------------
     def image_embeddings(self, chip: torch.Tensor, landmarks: torch.Tensor):
         au_tokens, au_logits = self.encoder(chip, landmarks)
-        if self.config.projector_evidence:
-            evidence = torch.tanh(au_logits / 2).unsqueeze(-1).to(au_tokens.dtype)
-            au_tokens = torch.cat([au_tokens, evidence], dim=-1)
         return self.projector(au_tokens), au_logits
 
     def _decode(self, embeds, attention_mask, position_ids, cache):

@@ -237,23 +237,3 @@ def test_encoder_ensemble_joins_tokens_averages_logits_and_round_trips(tmp_path)
     assert [g.text for g in loaded.generate(chip, landmarks, "list")] == [g.text for g in model.generate(chip, landmarks, "list")]
     with pytest.raises(ValueError, match="members must be at least 1"):
         build_encoder({**encoder, "members": 0}, len(AUS))
-
-
-def test_projector_evidence_feeds_the_heads_decision_and_round_trips(tmp_path):
-    from aullava.llm import tiny_llm
-
-    torch.manual_seed(2)
-    llm, tokenizer = tiny_llm(seed=0)
-    encoder = {"type": "landmark_patch", "dim": 16, "chip_size": 64, "channels": 8, "head_layers": 1}
-    model = AULlava(AULlavaConfig(aus=AUS, encoder=encoder, lora=None, projector_evidence=True), llm, tokenizer).eval()
-    assert model.projector.in_features == 17
-    chip, landmarks = _faces(2, seed=6)
-    with torch.no_grad():
-        image, logits = model.image_embeddings(chip, landmarks)
-        tokens, _ = model.encoder(chip, landmarks)
-        expected = model.projector(torch.cat([tokens, torch.tanh(logits / 2).unsqueeze(-1)], dim=-1))
-    assert torch.allclose(image, expected)
-    path = save_pretrained(model, tmp_path / "evidence")
-    loaded = from_pretrained(path, llm=tiny_llm(seed=0)[0], tokenizer=tokenizer)
-    assert loaded.config.projector_evidence and loaded.projector.in_features == 17
-    assert [g.text for g in loaded.generate(chip, landmarks, "binary")] == [g.text for g in model.generate(chip, landmarks, "binary")]
