@@ -43,8 +43,9 @@ ADAPTER_DIR = "adapter"
 class AULlavaConfig:
     aus: tuple[int, ...] = DEFAULT_AUS
     base_llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    # three members: on fold 0 the ensemble's head scored 0.826 where its members alone scored 0.756-0.812
     encoder: dict = field(default_factory=lambda: {"type": "landmark_patch", "dim": 128, "chip_size": 64,
-                                                   "channels": 32, "head_layers": 2})
+                                                   "channels": 32, "head_layers": 2, "members": 3})
     lora: dict | None = field(default_factory=lambda: {
         "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})

@@ -24,7 +24,7 @@ from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
 
 
-def run_fold(manifest, held_out, steps, seed, log, members: int = 1) -> tuple[np.ndarray, np.ndarray, list, list]:
+def run_fold(manifest, held_out, steps, seed, log, members: int) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
     encoder = {**AULlavaConfig().encoder, "members": members}
     with tempfile.TemporaryDirectory() as out:
@@ -48,7 +48,8 @@ def main():
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--members", type=int, default=1, help="encoders averaged (an ensemble), default 1")
+    parser.add_argument("--members", type=int, default=AULlavaConfig().encoder.get("members", 1),
+                        help="encoders averaged (an ensemble); default: the model's default")
     parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()

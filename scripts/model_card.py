@@ -25,8 +25,6 @@ def _encoder_words(config: dict) -> str:
     words = ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
              f"An ensemble of {members} landmark + local-appearance AU encoders, trained side by side from their "
              "own initial weights (one token per AU: the members' tokens joined, their logits averaged)")
-    if config.get("projector_evidence"):
-        words += "; each AU token also carries the encoder head's evidence tanh(logit / 2)"
     return words
 
 
