@@ -436,7 +436,8 @@ class AULlava(nn.Module):
         drafts = []
         for row in au_logits[:, columns].tolist():
             active = [a for a, logit in zip(aus, row) if logit > 0]
-            result = fmt_lib.AUResult.from_active(aus, active, {a: float(levels.get(str(a), UNCODED_INTENSITY)) for a in active})
+            levels_of_active = {a: float(levels.get(str(a), UNCODED_INTENSITY)) for a in active}
+            result = fmt_lib.AUResult.from_active(aus, active, levels_of_active)
             drafts.append(self.answer_targets(format_name, result)[0])
         return drafts
 

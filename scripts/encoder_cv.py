@@ -26,11 +26,11 @@ from aullava.train import Trainer, TrainConfig  # noqa: E402
 
 def run_fold(manifest, held_out, steps, seed, log, members: int) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
-    encoder = {**AULlavaConfig().encoder, "members": members}
+    encoder_config = {**AULlavaConfig().encoder, "members": members}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(manifest=manifest, out=out, held_out_subjects=tuple(sorted(held_out)),
                                       encoder_steps=steps, projector_steps=0, lora_steps=0, seed=seed,
-                                      model={"encoder": encoder}), log=log)
+                                      model={"encoder": encoder_config}), log=log)
         trainer.run(resume=False)
         encoder, aus = trainer.model.encoder.eval(), trainer.aus
     test = [s for s in read_manifest(manifest, kinds=EVAL_KINDS) if s.subject in held_out]

@@ -19,13 +19,11 @@ train_config = training.get("train_config", {})
 held_out = train_config.get("held_out_subjects", [])
 
 
-
 def _encoder_words(config: dict) -> str:
     members = int(config["encoder"].get("members", 1))
-    words = ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
-             f"An ensemble of {members} landmark + local-appearance AU encoders, trained side by side from their "
-             "own initial weights (one token per AU: the members' tokens joined, their logits averaged)")
-    return words
+    return ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
+            f"An ensemble of {members} landmark + local-appearance AU encoders, trained side by side from their "
+            "own initial weights (one token per AU: the members' tokens joined, their logits averaged)")
 
 
 lines = [

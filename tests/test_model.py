@@ -228,7 +228,7 @@ def test_encoder_ensemble_joins_tokens_averages_logits_and_round_trips(tmp_path)
     with torch.no_grad():
         tokens, logits = model.encoder(chip, landmarks)
         _, per_member = model.encoder(chip, landmarks, per_member=True)
-        one_tokens, one_logits = model.encoder.members[1](chip, landmarks)
+        one_tokens, _ = model.encoder.members[1](chip, landmarks)
     assert tokens.shape == (2, len(AUS), 48) and per_member.shape == (3, 2, len(AUS))
     assert torch.allclose(logits, per_member.mean(0)) and torch.equal(tokens[..., 16:32], one_tokens)
     assert not torch.allclose(per_member[0], per_member[1])  # members start from their own weights
