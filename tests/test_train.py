@@ -183,3 +183,19 @@ def test_several_datasets_each_asked_only_the_aus_they_code(tiny_manifest, tmp_p
     assert get_format("binary").parse(answer.text, narrow).aus == narrow
     with pytest.raises(ValueError, match="subset"):
         analyzer.describe(faces[:1], "binary", aus=(1, 3))
+
+
+def test_a_truncated_landmark_cache_file_is_recomputed(tiny_manifest, tmp_path, monkeypatch):
+    # Two runs preparing the same images side by side once met a cache file another process was still writing.
+    from aullava.data.faces import prepare_faces
+    from aullava.data.manifest import read_manifest
+
+    monkeypatch.setenv("AULLAVA_CACHE", str(tmp_path))
+    samples = read_manifest(tiny_manifest)[:2]
+    first = prepare_faces(samples, progress=False)
+    files = sorted((tmp_path / "landmarks").iterdir())
+    assert [f.suffix for f in files] == [".npy", ".npy"]  # no partial file left behind
+    files[0].write_bytes(b"")
+    again = prepare_faces(samples, progress=False)
+    np.testing.assert_array_equal(again.landmarks, first.landmarks)
+    assert files[0].stat().st_size > 0

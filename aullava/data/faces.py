@@ -45,16 +45,15 @@ def prepare_faces(samples, crop_fallback: bool = True, progress: bool = True, us
         stat = Path(sample.path).stat()
         tag = hashlib.sha1(f"{Path(sample.path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{crop_fallback}".encode())
         cached = store / f"{tag.hexdigest()}.npy"
-        if use_cache and cached.is_file():
-            points = np.load(cached)
-        else:
+        points = _read_cached(cached) if use_cache else None
+        if points is None:
             try:
                 face = detector.detect(rgb)[0]
             except FaceError:
                 points = np.full((69, 2), np.nan, dtype=np.float32)
             else:
                 points = np.vstack([face.landmarks, [[float(getattr(face, "fallback", False)), 0.0]]]).astype(np.float32)
-            np.save(cached, points)
+            _write_cached(cached, points)
         if np.isnan(points).any():
             continue
         kept.append(sample)
@@ -62,6 +61,22 @@ def prepare_faces(samples, crop_fallback: bool = True, progress: bool = True, us
         landmarks.append(points[:68])
         fallback.append(bool(points[68, 0]))
     return FaceTable(kept, images, np.asarray(landmarks, dtype=np.float32).reshape(-1, 68, 2), np.asarray(fallback))
+
+
+def _read_cached(path: Path) -> np.ndarray | None:
+    """The cached landmarks, or None where there are none or the file is unreadable (then they are recomputed)."""
+    try:
+        return np.load(path)
+    except (OSError, ValueError, EOFError):
+        return None
+
+
+def _write_cached(path: Path, points: np.ndarray):
+    # Written whole under another name, then renamed: processes preparing the same images side by side (two
+    # training runs) never read a half-written file.
+    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+    np.save(partial, points)
+    os.replace(partial, path)
 
 
 def face_batch(table: FaceTable, indices, chip_size: int, rng: np.random.Generator | None = None):
