@@ -21,6 +21,7 @@ from . import facs
 from .data.manifest import read_manifests, subject_folds
 from .distributed import use_cpu
 from .evaluate import MIN_POSITIVES, evaluate
+from .model import AULlavaConfig
 from .train import Trainer, TrainConfig
 
 
@@ -64,6 +65,7 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
     summary.update({"folds": folds, "seed": config.seed, "manifest": str(config.manifest),
                     "budget": {k: getattr(config, k) for k in ("encoder_steps", "projector_steps", "lora_steps",
                                                                "encoder_batch", "batch_size")},
+                    "encoder": AULlavaConfig.from_dict(config.model).encoder,
                     "seconds": round(time.perf_counter() - started, 1),
                     "fold_seconds": [r.get("fold_seconds") for r in reports]})
     (out / "crossval.json").write_text(json.dumps(summary, indent=2))

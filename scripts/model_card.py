@@ -106,8 +106,14 @@ if crossval_dir:
               f"2-core CPU: {full['seconds'] / 60:.0f} min. Reproduce: `python -m aullava crossval "
               f"--manifest ../shared/data/ckplus48/manifest.csv --folds {full['folds']} --encoder-steps "
               f"{budget['encoder_steps']} --projector-steps {budget['projector_steps']} --lora-steps "
-              f"{budget['lora_steps']} --formats {' '.join(full['formats'])} --out cv`", "",
-              (crossval_dir / "crossval.md").read_text(), ""]
+              f"{budget['lora_steps']} --formats {' '.join(full['formats'])} --out cv`", ""]
+    # reports written before the encoder was recorded come from this encoder's recipe with a single member
+    cv_encoder = full.get("encoder", {**config["encoder"], "members": 1})
+    if cv_encoder.get("members", 1) != config["encoder"].get("members", 1):
+        lines += [f"Its encoder, the recipe of its time, differs from this checkpoint's: "
+                  f"{_encoder_words({'encoder': cv_encoder})}. To run it again, pass `--config` a JSON file holding "
+                  f"`{json.dumps({'model': {'encoder': cv_encoder}})}`.", ""]
+    lines += [(crossval_dir / "crossval.md").read_text(), ""]
 intensity = {n: m["intensity"] for n, m in report["formats"].items() if m.get("intensity")}
 if intensity:
     lines += [f"Intensity on coded labels: {json.dumps(intensity)}", ""]

@@ -36,6 +36,8 @@ def test_crossval_command_runs_every_fold_and_resumes(tiny_manifest, tmp_path, c
     held_out = [json.loads((out / f"fold{i}" / "metrics.json").read_text())["held_out"] for i in range(3)]
     assert sorted(s for fold in held_out for s in fold) == ["S0", "S1", "S2"]  # each subject tested exactly once
     assert summary["images_per_fold"] == [2, 2, 2]
+    trained = json.loads(next((out / "fold0").rglob("checkpoint/aullava_config.json")).read_text())
+    assert summary["encoder"] == trained["encoder"]  # the model card names the encoder the folds trained
     for name in ("list", "binary", "intensity"):
         entry = summary["formats"][name]
         assert len(entry["per_au"]["AU12"]["f1_per_fold"]) == 3
