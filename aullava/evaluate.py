@@ -19,16 +19,24 @@ EVAL_KINDS = ("peak", "neutral")  # CK+'s coded frames; near_peak frames carry t
 def presence_metrics(truth: np.ndarray, predicted: np.ndarray, aus, known: np.ndarray | None = None) -> dict:
     """truth/predicted [N, K] booleans -> per-AU precision, recall, F1, support and macro F1; pairs whose label
     is unknown (`known` False) are left out."""
-    per_au = {}
+    counts = {}
     for k, au in enumerate(aus):
         keep = slice(None) if known is None else known[:, k]
         t, p = truth[keep, k], predicted[keep, k]
-        tp, fp, fn = int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum())
+        counts[f"AU{au}"] = (int((t & p).sum()), int((~t & p).sum()), int((t & ~p).sum()))
+    return metrics_from_counts(counts)
+
+
+def metrics_from_counts(counts: dict) -> dict:
+    """{AU name: (true positives, false positives, false negatives)} -> the report of `presence_metrics` (so
+    counts summed over folds give the pooled report)."""
+    per_au = {}
+    for name, (tp, fp, fn) in counts.items():
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_au[f"AU{au}"] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
-                             "support": int(t.sum()), "tp": tp, "fp": fp, "fn": fn}
+        per_au[name] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+                        "support": tp + fn, "tp": tp, "fp": fp, "fn": fn}
     scored = [v["f1"] for v in per_au.values() if v["support"] >= MIN_POSITIVES]
     return {"per_au": per_au, "macro_f1": round(float(np.mean(scored)), 4) if scored else None,
             "macro_f1_aus": [k for k, v in per_au.items() if v["support"] >= MIN_POSITIVES]}

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from aullava.evaluate import icc_3_1, intensity_metrics
+from conftest import REPO
 
 
 def test_icc_3_1_matches_shrout_and_fleiss():
@@ -48,3 +49,33 @@ def test_crossval_command_runs_every_fold_and_resumes(tiny_manifest, tmp_path, c
     assert main(args) == 0
     assert "already evaluated" in capsys.readouterr().out
     assert (out / "crossval.md").read_text() == first
+
+
+def test_encoder_cv_reports_of_single_folds_merge_into_the_pooled_report(tmp_path):
+    import importlib.util
+
+    from aullava.evaluate import presence_metrics
+
+    spec = importlib.util.spec_from_file_location("encoder_cv", REPO / "scripts" / "encoder_cv.py")
+    encoder_cv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(encoder_cv)
+    rng = np.random.default_rng(0)
+    truths = [rng.random((30, 3)) < 0.4 for _ in range(2)]
+    predictions = [t ^ (rng.random(t.shape) < 0.2) for t in truths]
+    recipe = {"steps": 10, "seed": 0, "members": 3}
+    paths = []
+    for index, (truth, predicted) in enumerate(zip(truths, predictions)):
+        fold = {"fold": index, "held_out": [f"S{index}"], "images": 30, **presence_metrics(truth, predicted, [1, 2, 4])}
+        paths.append(tmp_path / f"fold{index}.json")
+        paths[-1].write_text(json.dumps(encoder_cv.summarize([fold], recipe)))
+    report = encoder_cv.merged(paths)
+    pooled = presence_metrics(np.concatenate(truths), np.concatenate(predictions), [1, 2, 4])
+    assert [f["fold"] for f in report["folds"]] == [0, 1]
+    assert report["macro_f1_pooled"] == pooled["macro_f1"]
+    assert {au: v["pooled_f1"] for au, v in report["per_au"].items()} == {au: v["f1"] for au, v in pooled["per_au"].items()}
+    with pytest.raises(SystemExit, match="more than one fold"):
+        encoder_cv.merged([paths[0], paths[0]])
+    other = json.loads(paths[1].read_text()) | {"members": 1}
+    paths[1].write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="different recipes"):
+        encoder_cv.merged(paths)
