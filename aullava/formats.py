@@ -330,6 +330,11 @@ class Format:
         return (f"Which facial Action Units (AUs) are active in this face? The AUs to consider: "
                 f"{_definitions(aus)}. {self._task(aus)} Example: {self.render(example_result(aus))}")
 
+    def says_present(self, option) -> bool:
+        """Whether choosing `option` says an AU is there (training weighs these decisions). Only the list and
+        the binary and 0-5 vectors say it in one choice; elsewhere False."""
+        return False
+
     def plan(self, aus: Iterable[int]) -> Plan:
         """The answer's grammar as a generator of Forced / Choice (see the module docstring)."""
         aus = check_aus(aus)
@@ -392,6 +397,9 @@ class ListFormat(Format):
             active.append(number)
             previous = number
         return AUResult.from_active(aus, active)
+
+    def says_present(self, option):
+        return option not in (END, "none")
 
     def _plan(self, aus):
         codes = [au_code(a) for a in aus]
@@ -473,6 +481,9 @@ class BinaryFormat(_VectorFormat):
             raise FormatParseError(text, f"expected '{c}:0' or '{c}:1' for {c}, got {token!r}")
         return value == "1", None
 
+    def says_present(self, option):
+        return option != "0"
+
     def _value_plan(self):
         yield from _choose(("0", "1"))
 
@@ -497,6 +508,9 @@ class IntensityFormat(_VectorFormat):
             raise FormatParseError(text, f"expected an intensity 0-5 for {au_code(a)} (like "
                                          f"'{au_code(a)}:0' or '{au_code(a)}:3'), got {token!r}")
         return value != "0", float(value)
+
+    def says_present(self, option):
+        return option != "0"
 
     def _value_plan(self):
         yield from _choose(tuple(str(level) for level in range(MAX_INTENSITY + 1)))

@@ -276,7 +276,8 @@ class AULlava(nn.Module):
         return hidden, image.shape[1] + len(suffix) - 1, au_logits
 
     def answer_loss(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool = False,
-                    choices: list[list[tuple | None]] | None = None, reduction: str = "mean", aus=None):
+                    choices: list[list[tuple | None]] | None = None, reduction: str = "mean", aus=None,
+                    weights: list[list[float]] | None = None):
         """Cross-entropy of the answers (teacher forcing) and the encoder's per-AU logits.
 
         Without `choices`: every answer token over the whole vocabulary. With `choices` (per answer token the
@@ -285,13 +286,14 @@ class AULlava(nn.Module):
         even fed. The prefix cache is computed without gradient (exact while the LLM is frozen; with LoRA it
         skips the adapter's gradient through the fixed instruction only). The LM head runs at those positions only.
         `reduction="sum"` returns the sum over the scored tokens (`scored_tokens` counts them), so that
-        processes holding slices of one batch can divide by the whole batch's count.
+        processes holding slices of one batch can divide by the whole batch's count. `weights` (with `choices`,
+        one per answer token) scale each chosen token's loss; the mean still divides by the count.
         """
         if choices is not None:
             last = [max([i + 1 for i, c in enumerate(cs) if c is not None], default=0) for cs in choices]
             answers = [a[:n] for a, n in zip(answers, last)]
         hidden, start, au_logits = self._answer_hidden(chip, landmarks, format_name, answers, reuse_prefix, aus)
-        rows, cols, targets, alternatives = [], [], [], []
+        rows, cols, targets, alternatives, scale = [], [], [], [], []
         for row, answer in enumerate(answers):
             for i, token in enumerate(answer):
                 if choices is None or choices[row][i] is not None:
@@ -299,6 +301,7 @@ class AULlava(nn.Module):
                     cols.append(start + i)
                     targets.append(token)
                     alternatives.append(None if choices is None else choices[row][i])
+                    scale.append(1.0 if weights is None else weights[row][i])
         device = hidden.device
         logits = self._causal_lm().get_output_embeddings()(hidden[rows, cols]).float()
         if choices is None:
@@ -308,7 +311,8 @@ class AULlava(nn.Module):
         valid = torch.tensor([[j < len(alt) for j in range(width)] for alt in alternatives], device=device)
         option_logits = logits.gather(1, index).masked_fill(~valid, float("-inf"))
         target_index = torch.tensor([alt.index(t) for alt, t in zip(alternatives, targets)], device=device)
-        return F.cross_entropy(option_logits, target_index, reduction=reduction), au_logits
+        losses = F.cross_entropy(option_logits, target_index, reduction="none") * torch.tensor(scale, device=device)
+        return (losses.sum() if reduction == "sum" else losses.mean()), au_logits
 
     @torch.no_grad()
     def read_presence(self, chip, landmarks, passes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
@@ -321,7 +325,7 @@ class AULlava(nn.Module):
         probabilities; `converged` says whether it was reached within `passes`. Otherwise the probabilities
         are a read-out of the model's answer given the last digits fed, not its written answer."""
         nothing = fmt_lib.AUResult.from_active(self.config.aus, ())
-        ids, choices = self.answer_targets("binary", nothing)
+        ids, choices, _ = self.answer_targets("binary", nothing)
         positions = [i for i, c in enumerate(choices) if c is not None]
         one = self.encode("1")
         assert len(positions) == len(self.config.aus) and len(one) == 1, "binary answer layout changed"
@@ -365,13 +369,13 @@ class AULlava(nn.Module):
         """Training target: the answer tokenised piece by piece exactly as the decoder will feed it."""
         return self.answer_targets(format_name, result)[0]
 
-    def answer_targets(self, format_name: str, result) -> tuple[list[int], list[tuple | None]]:
-        """The answer's token ids and, per token, the tokens the decoder chooses among there (a branch of an
-        option trie), or None where it chooses nothing: forced text and the unambiguous rest of an option
-        are fed, never predicted."""
+    def answer_targets(self, format_name: str, result) -> tuple[list[int], list[tuple | None], list[bool]]:
+        """The answer's token ids; per token, the tokens the decoder chooses among there (a branch of an
+        option trie), or None where it chooses nothing (forced text and the unambiguous rest of an option
+        are fed, never predicted); and per token whether its option says an AU is there (`says_present`)."""
         fmt = fmt_lib.get_format(format_name)
         text = fmt.render(result)
-        ids, decisive, pos, plan = [], [], 0, fmt.plan(result.aus)  # the AUs asked: all, or a dataset's
+        ids, decisive, present, pos, plan = [], [], [], 0, fmt.plan(result.aus)  # the AUs asked: all, or a dataset's
         item = next(plan)
         while True:
             if isinstance(item, fmt_lib.Forced):
@@ -379,6 +383,7 @@ class AULlava(nn.Module):
                 forced = self.encode(item.text)
                 ids += forced
                 decisive += [None] * len(forced)
+                present += [False] * len(forced)
                 pos += len(item.text)
                 send = None
             else:
@@ -392,14 +397,15 @@ class AULlava(nn.Module):
                 node = self._option_trie(item.options).root
                 for token in [self.eos_id] if send is fmt_lib.END else self.encode(send):
                     decisive.append(tuple(t for t in node if t is not None) if len(node) > 1 else None)
+                    present.append(fmt.says_present(send))
                     ids.append(token)
                     node = node[token]
                 if send is fmt_lib.END:
-                    return ids, decisive
+                    return ids, decisive, present
             try:
                 item = plan.send(send)
             except StopIteration:
-                return ids + [self.eos_id], decisive + [None]
+                return ids + [self.eos_id], decisive + [None], present + [False]
 
     def _option_trie(self, options: tuple) -> _OptionTrie:
         """The token trie of a choice's options, built once per distinct options: a format asks the same

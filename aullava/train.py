@@ -56,6 +56,9 @@ class TrainConfig:
     lora_lr: float = 5e-4
     aux_weight: float = 1.0
     decisive_loss: bool = True  # answer loss on the tokens the plan-guided decoder chooses, not on forced text
+    # Weight of the decisions that say an AU is there (list, binary, 0-5), with decisive_loss. Above 1 it
+    # counters the written answers' leaning to "absent" on new faces (most AUs are absent in every answer).
+    present_weight: float = 1.0
     # Encoder learning rate during the LLM stages, relative to theirs. 0 freezes it: at 0.2 the LLM's gradient
     # pulled the encoder's held-out macro F1 from 0.76 to 0.71 in the first CK+ run.
     encoder_lr_scale: float = 0.0
@@ -242,10 +245,11 @@ class Trainer:
         chip, landmarks = face_batch(self.table, indices, self.model.config.chip_size, rng)
         targets = [self.model.answer_targets(format_name, self.result_for(self.table.samples[i], asked))
                    for i in indices]
-        answers = [ids for ids, _ in targets]
+        answers = [ids for ids, _, _ in targets]
         # Only the decoder's choices carry a loss, each among its alternatives: forced text is fed at inference,
         # never predicted, and in the vector formats it outnumbers the decisions 4 to 1, diluting their gradient.
-        choices = [alternatives for _, alternatives in targets] if self.config.decisive_loss else None
+        choices = [alternatives for _, alternatives, _ in targets] if self.config.decisive_loss else None
+        weights = [[self.config.present_weight if p else 1.0 for p in present] for _, _, present in targets]
         scored = (sum(c is not None for cs in choices for c in cs) if choices is not None
                   else sum(len(a) for a in answers))
         bf16_llm = self.model.llm_dtype == torch.bfloat16
@@ -255,7 +259,7 @@ class Trainer:
                 lm_sum, logits = self.model.answer_loss(
                     chip[part].to(self.device), landmarks[part].to(self.device), format_name,
                     [answers[i] for i in part], choices=None if choices is None else [choices[i] for i in part],
-                    reduction="sum", aus=asked)
+                    reduction="sum", aus=asked, weights=None if choices is None else [weights[i] for i in part])
             return {"lm": lm_sum, "aux": self._aux_loss(logits, indices[part], reduction="sum")}
 
         counts = {"lm": float(max(1, scored)), "aux": float(self.known[indices].sum().clamp(min=1))}

@@ -130,6 +130,25 @@ def test_answer_loss_is_finite_and_backpropagates(tiny_model):
     assert tiny_model.projector.weight.grad is not None
 
 
+def test_decisions_that_say_an_au_is_there_can_weigh_more(tiny_model):
+    chip, landmarks = _faces(2)
+    result = fmt_lib.AUResult.from_active(AUS, [1, 25], {1: 2, 25: 3})
+    ids, choices, present = tiny_model.answer_targets("binary", result)
+    chosen = [tiny_model.tokenizer.decode([t]) for t, c, p in zip(ids, choices, present) if c is not None and p]
+    assert chosen == ["1", "1"]  # the two active AUs' digits, nothing else
+    _, _, listed = tiny_model.answer_targets("list", result)
+    assert any(listed) and not listed[-1]  # AU01 and AU25 named; the end is not
+    ones = [[1.0] * len(ids)] * 2
+    weighted = [[3.0 if p else 1.0 for p in present]] * 2
+    with torch.no_grad():
+        plain, _ = tiny_model.answer_loss(chip, landmarks, "binary", [ids] * 2, choices=[choices] * 2, reduction="sum")
+        same, _ = tiny_model.answer_loss(chip, landmarks, "binary", [ids] * 2, choices=[choices] * 2,
+                                         reduction="sum", weights=ones)
+        heavier, _ = tiny_model.answer_loss(chip, landmarks, "binary", [ids] * 2, choices=[choices] * 2,
+                                            reduction="sum", weights=weighted)
+    assert torch.allclose(plain, same) and heavier > plain
+
+
 def test_save_and_load_give_identical_outputs(tiny_model, tmp_path):
     chip, landmarks = _faces(2, seed=3)
     path = save_pretrained(tiny_model, tmp_path / "ckpt")

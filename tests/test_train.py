@@ -167,7 +167,7 @@ def test_several_datasets_each_asked_only_the_aus_they_code(tiny_manifest, tmp_p
     before, _ = model.prompt_parts("binary", narrow)
     assert "AU12" in before and "AU04" not in before and "AU07" not in before
     result = trainer.result_for(trainer.table.samples[narrow_row], narrow)
-    ids, _ = model.answer_targets("binary", result)
+    ids, _, _ = model.answer_targets("binary", result)
     assert model.tokenizer.decode(ids).startswith("AU01:") and "AU04" not in model.tokenizer.decode(ids)
     path = trainer.run()
     llm_steps = [h for h in trainer.history if h["stage"] != "encoder"]
