@@ -89,7 +89,10 @@ if cv:
               f"{cv['macro_f1_mean_over_folds']} (per fold "
               + ", ".join(str(f["macro_f1"]) for f in cv["folds"]) + "); pooled over every fold's images "
               f"{cv['macro_f1_pooled']}, which is not comparable: pooled, rare AUs (AU10, AU16, AU26...) pass the "
-              f"{cv['min_positives']}-positive bar that no single fold gives them, and they are poorly detected.", "",
+              f"{cv['min_positives']}-positive bar that no single fold gives them, and they are poorly detected."
+              + (" The ensemble's members alone, per fold: " + "; ".join(" / ".join(map(str, f["members_macro_f1"]))
+                                                                      for f in cv["folds"]) + "."
+                 if all("members_macro_f1" in f for f in cv["folds"]) else ""), "",
               "| AU | mean F1 over folds | pooled F1 | positives |", "|---|---|---|---|"]
     for au, v in cv["per_au"].items():
         lines.append(f"| {au} | {v['mean_f1']} | {v['pooled_f1']} | {v['support']} |")
