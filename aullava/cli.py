@@ -151,8 +151,7 @@ def _train_config(args, **extra):
              "encoder_steps": args.encoder_steps, "projector_steps": args.projector_steps,
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
-             "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
-             "cross_fit": args.cross_fit}
+             "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None}
     return train_config(args.config, **flags, **extra)
 
 
@@ -194,9 +193,6 @@ def _add_training_options(parser, out_help: str):
                         help="default: accelerate's (launch flag or `accelerate config`), else no")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")
     parser.add_argument("--seed", type=int, help="default 0")
-    parser.add_argument("--cross-fit", action=argparse.BooleanOptionalAction, default=None,
-                        help="an encoder ensemble whose members each never learn from one group of subjects; the LLM "
-                             "stages read each face through the member that never saw its subject")
     parser.add_argument("--base-llm", help="hub id or folder (default HuggingFaceTB/SmolLM2-135M-Instruct)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random LLM (for tests)")
 

@@ -247,19 +247,8 @@ class AULlava(nn.Module):
         return DynamicCache(ddp_cache_data=[(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in kv])
 
     # ----- forward -----------------------------------------------------------------------------------
-    def image_embeddings(self, chip: torch.Tensor, landmarks: torch.Tensor, members: torch.Tensor | None = None):
-        """Projected AU tokens and the encoder's per-AU logits.
-
-        `members` (an ensemble's, one index per row; training only) keeps one member's slice of each row's
-        tokens, scaled by the member count: the linear projector of all members' joined tokens is the mean of
-        these single-member projections, so training on one member per row (cross-fitted, the member that never
-        saw that face's subject) teaches the LLM the mean it reads at inference."""
+    def image_embeddings(self, chip: torch.Tensor, landmarks: torch.Tensor):
         au_tokens, au_logits = self.encoder(chip, landmarks)
-        if members is not None:
-            count = len(self.encoder.members)
-            per_member = au_tokens.unflatten(-1, (count, -1))
-            keep = F.one_hot(members.to(au_tokens.device), count).to(au_tokens.dtype) * count
-            au_tokens = (per_member * keep[:, None, :, None]).flatten(-2)
         return self.projector(au_tokens), au_logits
 
     def _decode(self, embeds, attention_mask, position_ids, cache):
@@ -268,12 +257,12 @@ class AULlava(nn.Module):
                                                use_cache=True).last_hidden_state
 
     def _answer_hidden(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool,
-                       aus=None, members=None):
+                       aus=None):
         """Teacher-forced last hidden states of image + suffix + answers (right-padded), the position that
         predicts each answer's first token, and the encoder's per-AU logits."""
         prefix_len, kv, suffix = self._prefix(format_name, reuse=reuse_prefix, aus=aus)
         batch = chip.shape[0]
-        image, au_logits = self.image_embeddings(chip, landmarks, members)
+        image, au_logits = self.image_embeddings(chip, landmarks)
         fed = [list(suffix) + list(answer) for answer in answers]
         ids = _padded(fed, self.eos_id)
         filled = torch.arange(ids.shape[1]) < torch.tensor([len(row) for row in fed]).unsqueeze(1)
@@ -288,7 +277,7 @@ class AULlava(nn.Module):
 
     def answer_loss(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool = False,
                     choices: list[list[tuple | None]] | None = None, reduction: str = "mean", aus=None,
-                    weights: list[list[float]] | None = None, members: torch.Tensor | None = None):
+                    weights: list[list[float]] | None = None):
         """Cross-entropy of the answers (teacher forcing) and the encoder's per-AU logits.
 
         Without `choices`: every answer token over the whole vocabulary. With `choices` (per answer token the
@@ -299,12 +288,11 @@ class AULlava(nn.Module):
         `reduction="sum"` returns the sum over the scored tokens (`scored_tokens` counts them), so that
         processes holding slices of one batch can divide by the whole batch's count. `weights` (with `choices`,
         one per answer token) scale each chosen token's loss; the mean still divides by the count.
-        `members`: see `image_embeddings`.
         """
         if choices is not None:
             last = [max([i + 1 for i, c in enumerate(cs) if c is not None], default=0) for cs in choices]
             answers = [a[:n] for a, n in zip(answers, last)]
-        hidden, start, au_logits = self._answer_hidden(chip, landmarks, format_name, answers, reuse_prefix, aus, members)
+        hidden, start, au_logits = self._answer_hidden(chip, landmarks, format_name, answers, reuse_prefix, aus)
         rows, cols, targets, alternatives, scale = [], [], [], [], []
         for row, answer in enumerate(answers):
             for i, token in enumerate(answer):

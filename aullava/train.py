@@ -62,11 +62,6 @@ class TrainConfig:
     # Encoder learning rate during the LLM stages, relative to theirs. 0 freezes it: at 0.2 the LLM's gradient
     # pulled the encoder's held-out macro F1 from 0.76 to 0.71 in the first CK+ run.
     encoder_lr_scale: float = 0.0
-    # Cross-fitted ensemble (encoder members > 1): training subjects dealt into one group per member; member k
-    # never learns from group k, and the LLM stages read each face through the member that never saw its
-    # subject. The LLM then learns from features as they look on new people: on the faces it trained on, a
-    # fully trained encoder's head is near certain (train F1 0.99, 1.5% of logits within +-2; held out 0.83, 4.9%).
-    cross_fit: bool = False
     seed: int = 0
     save_every: int = 50
     base_llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -151,7 +146,6 @@ class Trainer:
         self.answer_groups = sorted(((asked, np.array(rows)) for asked, rows in groups.items()),
                                     key=lambda group: (-len(group[1]), group[0]))
         self.default_levels = default_intensities(self.table.samples, self.aus)
-        self.member_of = self._cross_fit_groups() if config.cross_fit else None
         positives = (self.labels * self.known).sum(0)
         self.pos_weight = ((len(self.labels) - positives) / positives.clamp(min=1)).sqrt().clamp(max=4.0).to(self.device)
         self.log(f"{len(self.table)} training faces from {len({s.subject for s in self.table.samples})} subjects "
@@ -177,19 +171,6 @@ class Trainer:
         llm.requires_grad_(False)
         return AULlava(model_config, llm, tokenizer)
 
-    def _cross_fit_groups(self) -> np.ndarray:
-        """Per training face, the ensemble member that must not learn from it (its subject's group)."""
-        members = len(getattr(self.model.encoder, "members", ()))
-        if members < 2:
-            raise ValueError("cross_fit needs an encoder ensemble: set the encoder's \"members\" to 2 or more")
-        subjects = sorted({s.subject for s in self.table.samples})
-        if len(subjects) < members:
-            raise ValueError(f"cross_fit deals subjects into {members} groups, one per member: "
-                             f"{len(subjects)} training subject(s) are too few")
-        order = np.random.default_rng(self.config.seed).permutation(len(subjects))
-        group = {subjects[i]: rank % members for rank, i in enumerate(order)}
-        return np.array([group[s.subject] for s in self.table.samples])
-
     def _add_lora(self):
         # Seeded: the adapter's initial weights are the same in every process, for any process count and on
         # resume, whatever random numbers the earlier stages drew.
@@ -214,10 +195,6 @@ class Trainer:
         labels = self.labels[indices].to(logits.device)
         if logits.dim() == 3:
             labels, known = labels.expand_as(logits), known.expand_as(logits) / logits.shape[0]
-            if self.member_of is not None:  # a member never learns from its own group's faces
-                held = torch.from_numpy(self.member_of[indices]).to(logits.device)
-                member = torch.arange(logits.shape[0], device=logits.device)[:, None]
-                known = known * (held[None, :] != member).to(known.dtype).unsqueeze(-1)
         losses = F.binary_cross_entropy_with_logits(logits.float(), labels,
                                                     pos_weight=self.pos_weight.to(logits.device), reduction="none")
         total = (losses * known).sum()
@@ -276,15 +253,13 @@ class Trainer:
         scored = (sum(c is not None for cs in choices for c in cs) if choices is not None
                   else sum(len(a) for a in answers))
         bf16_llm = self.model.llm_dtype == torch.bfloat16
-        members = None if self.member_of is None else torch.from_numpy(self.member_of[indices])
 
         def micro_loss(part):
             with self.accelerator.autocast(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16_llm):
                 lm_sum, logits = self.model.answer_loss(
                     chip[part].to(self.device), landmarks[part].to(self.device), format_name,
                     [answers[i] for i in part], choices=None if choices is None else [choices[i] for i in part],
-                    reduction="sum", aus=asked, weights=None if choices is None else [weights[i] for i in part],
-                    members=None if members is None else members[part])
+                    reduction="sum", aus=asked, weights=None if choices is None else [weights[i] for i in part])
             return {"lm": lm_sum, "aux": self._aux_loss(logits, indices[part], reduction="sum")}
 
         counts = {"lm": float(max(1, scored)), "aux": float(self.known[indices].sum().clamp(min=1))}
@@ -417,15 +392,7 @@ class Trainer:
         return {"train_config": c, "faces": len(self.table), "subjects": sorted({s.subject for s in self.table.samples}),
                 "positives": counts, "default_intensity": {str(a): v for a, v in self.default_levels.items()},
                 "images_with_coded_intensity": sum(bool(s.intensities) for s in self.table.samples),
-                **({} if self.member_of is None else {"cross_fit_groups": self._group_subjects()}),
                 "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
-
-    def _group_subjects(self) -> list[list[str]]:
-        """Per ensemble member, the subjects it never learned from."""
-        groups = [set() for _ in range(int(self.member_of.max()) + 1)]
-        for sample, member in zip(self.table.samples, self.member_of):
-            groups[member].add(sample.subject)
-        return [sorted(g) for g in groups]
 
     def _save_state(self, state_dir: Path, stage: str, step: int, optimizer):
         """Written by the main process (every process holds the same weights); the others wait for it."""

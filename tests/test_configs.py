@@ -39,16 +39,3 @@ def test_hf_encoder_takes_its_input_size_from_the_config():
     encoder = AUEncoder({"type": "hf", "vision_config": vision, "dim": 16, "image_size": 56, "head_layers": 1}, 3)
     tokens, logits = encoder(torch.zeros(2, 1, 64, 64), torch.zeros(2, 68, 2))
     assert encoder.backbone.image_size == 56 and tokens.shape == (2, 3, 16) and logits.shape == (2, 3)
-
-
-def test_cross_fit_flag_overrides_the_config_file(tmp_path):
-    from aullava.cli import _train_config, build_parser
-
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"cross_fit": True}))
-    base = ["train", "--config", str(path), "--manifest", "m.csv", "--out", str(tmp_path)]
-    assert _train_config(build_parser().parse_args(base)).cross_fit is True
-    assert _train_config(build_parser().parse_args(base + ["--no-cross-fit"])).cross_fit is False
-    plain = ["train", "--manifest", "m.csv", "--out", str(tmp_path)]
-    assert _train_config(build_parser().parse_args(plain)).cross_fit is False
-    assert _train_config(build_parser().parse_args(plain + ["--cross-fit"])).cross_fit is True

@@ -251,13 +251,6 @@ def test_encoder_ensemble_joins_tokens_averages_logits_and_round_trips(tmp_path)
     assert tokens.shape == (2, len(AUS), 48) and per_member.shape == (3, 2, len(AUS))
     assert torch.allclose(logits, per_member.mean(0)) and torch.equal(tokens[..., 16:32], one_tokens)
     assert not torch.allclose(per_member[0], per_member[1])  # members start from their own weights
-    with torch.no_grad():  # cross-fitted training reads one member per row; inference reads their mean
-        joined, _ = model.image_embeddings(chip, landmarks)
-        alone = [model.image_embeddings(chip, landmarks, torch.full((2,), m))[0] for m in range(3)]
-        mixed, _ = model.image_embeddings(chip, landmarks, torch.tensor([2, 0]))
-    assert torch.allclose(torch.stack(alone).mean(0), joined, atol=1e-5)
-    assert not torch.allclose(alone[0], joined, atol=1e-3)
-    assert torch.equal(mixed[0], alone[2][0]) and torch.equal(mixed[1], alone[0][1])
     path = save_pretrained(model, tmp_path / "ensemble")
     loaded = from_pretrained(path, llm=tiny_llm(seed=0)[0], tokenizer=tokenizer)
     assert [g.text for g in loaded.generate(chip, landmarks, "list")] == [g.text for g in model.generate(chip, landmarks, "list")]

@@ -62,28 +62,6 @@ def test_each_ensemble_member_learns_from_its_own_loss(tiny_manifest, tmp_path):
     assert _mean(trainer.history, "encoder", "last") < _mean(trainer.history, "encoder", "first")
 
 
-def test_cross_fit_members_never_learn_from_their_own_subjects(tiny_manifest, tmp_path):
-    model = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "members": 3}}
-    trainer = Trainer(_config(tiny_manifest, tmp_path, model=model, cross_fit=True, encoder_steps=0,
-                              projector_steps=0, lora_steps=2, formats=("binary",)))
-    subjects = [s.subject for s in trainer.table.samples]
-    # three subjects, three members: each member is kept from exactly one subject, every face of it
-    groups = trainer._group_subjects()
-    assert sorted(sum(groups, [])) == sorted(set(subjects)) and all(len(g) == 1 for g in groups)
-    assert all(subjects[i] in groups[m] for i, m in enumerate(trainer.member_of))
-    indices = np.arange(len(trainer.table))
-    logits = torch.randn(3, len(indices), len(TINY_MODEL["aus"]), requires_grad=True)
-    trainer._aux_loss(logits, indices).backward()
-    for member in range(3):
-        own = trainer.member_of == member
-        assert torch.all(logits.grad[member, own] == 0) and torch.any(logits.grad[member, ~own] != 0)
-    trainer.run()  # the LLM stages read each face through its own group's member
-    assert trainer._group_subjects() == trainer.provenance()["cross_fit_groups"]
-    with pytest.raises(ValueError, match="cross_fit needs an encoder ensemble"):
-        Trainer(_config(tiny_manifest, tmp_path / "one", cross_fit=True, encoder_steps=0, projector_steps=0,
-                        lora_steps=0))
-
-
 def test_training_resumes_where_it_stopped(tiny_manifest, tmp_path):
     first = Trainer(_config(tiny_manifest, tmp_path, lora_steps=0))
     first.run()
