@@ -249,7 +249,8 @@ class Trainer:
         # Only the decoder's choices carry a loss, each among its alternatives: forced text is fed at inference,
         # never predicted, and in the vector formats it outnumbers the decisions 4 to 1, diluting their gradient.
         choices = [alternatives for _, alternatives, _ in targets] if self.config.decisive_loss else None
-        weights = [[self.config.present_weight if p else 1.0 for p in present] for _, _, present in targets]
+        weights = ([[self.config.present_weight if p else 1.0 for p in present] for _, _, present in targets]
+                   if choices is not None else None)  # they scale the choices' losses only
         scored = (sum(c is not None for cs in choices for c in cs) if choices is not None
                   else sum(len(a) for a in answers))
         bf16_llm = self.model.llm_dtype == torch.bfloat16
@@ -259,7 +260,7 @@ class Trainer:
                 lm_sum, logits = self.model.answer_loss(
                     chip[part].to(self.device), landmarks[part].to(self.device), format_name,
                     [answers[i] for i in part], choices=None if choices is None else [choices[i] for i in part],
-                    reduction="sum", aus=asked, weights=None if choices is None else [weights[i] for i in part])
+                    reduction="sum", aus=asked, weights=None if weights is None else [weights[i] for i in part])
             return {"lm": lm_sum, "aux": self._aux_loss(logits, indices[part], reduction="sum")}
 
         counts = {"lm": float(max(1, scored)), "aux": float(self.known[indices].sum().clamp(min=1))}
