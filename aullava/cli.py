@@ -151,7 +151,8 @@ def _train_config(args, **extra):
              "encoder_steps": args.encoder_steps, "projector_steps": args.projector_steps,
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
-             "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None}
+             "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
+             "boundary_mix": args.boundary_mix}
     return train_config(args.config, **flags, **extra)
 
 
@@ -189,6 +190,8 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--lora-steps", type=int, help="default 150")
     parser.add_argument("--batch-size", type=int, help="the global batch, whatever the process count (default 8)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per process and step (default 1)")
+    parser.add_argument("--boundary-mix", type=float, help="share of the LLM stages' AU decisions taught on AU "
+                        "tokens moved toward the encoder head's decision boundary (default 0.25; 0 turns it off)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                         help="default: accelerate's (launch flag or `accelerate config`), else no")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")

@@ -81,8 +81,11 @@ class AUQueryHead(nn.Module):
         queries = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
         mixed = self.mixer(torch.cat([tokens, queries], dim=1))
         au_tokens = self.norm(mixed[:, tokens.shape[1]:])
-        logits = (au_tokens * self.au_weight).sum(-1) + self.au_bias
-        return au_tokens, logits
+        return au_tokens, self.read(au_tokens)
+
+    def read(self, au_tokens: torch.Tensor) -> torch.Tensor:
+        """Per-AU logits of AU tokens [..., K, dim]: linear in each token."""
+        return (au_tokens * self.au_weight).sum(-1) + self.au_bias
 
 
 class LandmarkPatchBackbone(nn.Module):
@@ -180,6 +183,10 @@ class AUEncoder(nn.Module):
         tokens, logits = self.head(self.backbone(chip, landmarks))
         return tokens, (logits.unsqueeze(0) if per_member else logits)
 
+    def read_logits(self, au_tokens: torch.Tensor) -> torch.Tensor:
+        """The head's per-AU logits of AU tokens [B,K,dim] (those `forward` returns, or mixes of them)."""
+        return self.head.read(au_tokens)
+
 
 class EncoderEnsemble(nn.Module):
     """`members` AU encoders of one config, each from its own initial weights and trained on its own loss.
@@ -200,6 +207,11 @@ class EncoderEnsemble(nn.Module):
         tokens = torch.cat([member_tokens for member_tokens, _ in outputs], dim=-1)
         logits = torch.stack([member_logits for _, member_logits in outputs])
         return tokens, (logits if per_member else logits.mean(0))
+
+    def read_logits(self, au_tokens: torch.Tensor) -> torch.Tensor:
+        """The averaged logits of joined AU tokens [B,K,members*dim]: linear in each token, like a member's."""
+        parts = torch.split(au_tokens, [member.hidden_size for member in self.members], dim=-1)
+        return torch.stack([member.read_logits(part) for member, part in zip(self.members, parts)]).mean(0)
 
 
 def build_encoder(config: dict, num_aus: int) -> nn.Module:

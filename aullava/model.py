@@ -257,12 +257,14 @@ class AULlava(nn.Module):
                                                use_cache=True).last_hidden_state
 
     def _answer_hidden(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool,
-                       aus=None):
+                       aus=None, encoded=None):
         """Teacher-forced last hidden states of image + suffix + answers (right-padded), the position that
-        predicts each answer's first token, and the encoder's per-AU logits."""
+        predicts each answer's first token, and the encoder's per-AU logits. `encoded`: the encoder's
+        (AU tokens, logits) of these faces when the caller already has them (or has altered them)."""
         prefix_len, kv, suffix = self._prefix(format_name, reuse=reuse_prefix, aus=aus)
         batch = chip.shape[0]
-        image, au_logits = self.image_embeddings(chip, landmarks)
+        au_tokens, au_logits = encoded if encoded is not None else self.encoder(chip, landmarks)
+        image = self.projector(au_tokens)
         fed = [list(suffix) + list(answer) for answer in answers]
         ids = _padded(fed, self.eos_id)
         filled = torch.arange(ids.shape[1]) < torch.tensor([len(row) for row in fed]).unsqueeze(1)
@@ -277,7 +279,7 @@ class AULlava(nn.Module):
 
     def answer_loss(self, chip, landmarks, format_name: str, answers: list[list[int]], reuse_prefix: bool = False,
                     choices: list[list[tuple | None]] | None = None, reduction: str = "mean", aus=None,
-                    weights: list[list[float]] | None = None):
+                    weights: list[list[float]] | None = None, encoded=None):
         """Cross-entropy of the answers (teacher forcing) and the encoder's per-AU logits.
 
         Without `choices`: every answer token over the whole vocabulary. With `choices` (per answer token the
@@ -287,12 +289,14 @@ class AULlava(nn.Module):
         skips the adapter's gradient through the fixed instruction only). The LM head runs at those positions only.
         `reduction="sum"` returns the sum over the scored tokens (`scored_tokens` counts them), so that
         processes holding slices of one batch can divide by the whole batch's count. `weights` (with `choices`,
-        one per answer token) scale each chosen token's loss; the mean still divides by the count.
+        one per answer token) scale each chosen token's loss; the mean still divides by the count. `encoded`: see
+        `_answer_hidden`.
         """
         if choices is not None:
             last = [max([i + 1 for i, c in enumerate(cs) if c is not None], default=0) for cs in choices]
             answers = [a[:n] for a, n in zip(answers, last)]
-        hidden, start, au_logits = self._answer_hidden(chip, landmarks, format_name, answers, reuse_prefix, aus)
+        hidden, start, au_logits = self._answer_hidden(chip, landmarks, format_name, answers, reuse_prefix, aus,
+                                                          encoded)
         rows, cols, targets, alternatives, scale = [], [], [], [], []
         for row, answer in enumerate(answers):
             for i, token in enumerate(answer):

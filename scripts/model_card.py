@@ -52,7 +52,12 @@ lines = [
     f"Stage 0 encoder {train_config.get('encoder_steps')} steps (batch {train_config.get('encoder_batch')}), "
     f"stage 1 projector through the frozen LLM {train_config.get('projector_steps')} steps and stage 2 LoRA "
     f"{train_config.get('lora_steps')} steps (batch {train_config.get('batch_size')}), seed {train_config.get('seed')}, "
-    "on a 2-core CPU.", "",
+    "on a 2-core CPU." + (
+        f" In the LLM stages {train_config['boundary_mix']:.0%} of the AU decisions were taught on boundary mixes: "
+        "the AU's token mixed with that of a training face the encoder's head reads the other way, so that the "
+        f"head's logit lands between {train_config.get('boundary_gap', 1.0):g} and "
+        f"{train_config.get('boundary_reach', 4.0):g} on the token's own side of the boundary; the target, the head's "
+        "reading, does not change (`boundary_mix` in train.py)." if train_config.get("boundary_mix") else ""), "",
     "## Results on the held-out subjects (peak + neutral frames)",
     f"{report['images']} images, face detection rate {report['detection_rate']}. Macro F1 over AUs with >= 10 "
     "positives in the held-out set; one seed, ~20 subjects: differences under ~0.03 are noise.", "",
@@ -131,7 +136,9 @@ else:
               "python -m aullava train --manifest ../shared/data/ckplus48/manifest.csv --out runs/ckplus \\",
               f"  --encoder-steps {train_config.get('encoder_steps')} --projector-steps "
               f"{train_config.get('projector_steps')} --lora-steps {train_config.get('lora_steps')} --batch-size "
-              f"{train_config.get('batch_size')} --hold-out {','.join(held_out)}",
+              f"{train_config.get('batch_size')}"
+              + (f" --boundary-mix {train_config['boundary_mix']:g}" if train_config.get("boundary_mix") else "")
+              + f" --hold-out {','.join(held_out)}",
               "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint "
               "runs/ckplus/checkpoint \\",
               f"  --subjects {','.join(held_out)} --formats list binary intensity continuous json sentence "

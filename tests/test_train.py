@@ -199,3 +199,61 @@ def test_a_truncated_landmark_cache_file_is_recomputed(tiny_manifest, tmp_path, 
     again = prepare_faces(samples, progress=False)
     np.testing.assert_array_equal(again.landmarks, first.landmarks)
     assert files[0].stat().st_size > 0
+
+
+def test_boundary_mixes_move_tokens_toward_the_heads_boundary_on_their_own_side(tiny_manifest, tmp_path):
+    from aullava.train import boundary_mix
+
+    model = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "members": 2}}
+    trainer = Trainer(_config(tiny_manifest, tmp_path, model=model, encoder_steps=0, projector_steps=0, lora_steps=0,
+                              boundary_mix=1.0))
+    encoder = trainer.model.encoder.eval()
+    tokens, logits = trainer._bank_of_faces()
+    # an untrained head reads every face alike: spread its logits so each AU has faces on both sides
+    with torch.no_grad():
+        for member, part in zip(encoder.members, torch.split(tokens, 32, dim=-1)):
+            member.head.au_weight.mul_(50)
+            member.head.au_bias.copy_(-(part * member.head.au_weight).sum(-1).median(0).values)
+    trainer._bank = None
+    tokens, logits = trainer._bank_of_faces()
+    assert torch.allclose(encoder.read_logits(tokens), logits, atol=1e-4)
+    both_sides = ((logits > 0).any(0) & (logits <= 0).any(0)).numpy()
+    assert both_sides.sum() >= 2
+    gap, reach = 0.05, 0.2
+    mixed, partner = boundary_mix(tokens, logits, tokens, logits, 1.0, gap, reach, np.random.default_rng(0))
+    with torch.no_grad():
+        read = encoder.read_logits(mixed)
+    assert set(np.flatnonzero(both_sides)) == set(np.nonzero(partner >= 0)[1])
+    assert (partner[:, ~both_sides] == -1).all()
+    moved = 0
+    for i, k in zip(*np.nonzero(partner >= 0)):
+        own, now = float(logits[i, k]), float(read[i, k])
+        assert bool(logits[i, k] > 0) != bool(logits[partner[i, k], k] > 0)
+        assert (now > 0) == (own > 0)  # the head's reading does not change
+        if abs(own - now) > 1e-4:  # moved toward the boundary, to within [gap, reach] of it
+            moved += 1
+            assert gap - 1e-3 <= abs(now) <= reach + 1e-3 and abs(now) < abs(own)
+        else:  # already nearer than its aim
+            assert abs(own) <= reach + 1e-3
+    assert moved > 0
+    # nothing mixed where not asked; untouched tokens are the faces' own
+    kept, none = boundary_mix(tokens, logits, tokens, logits, 1.0, gap, reach, np.random.default_rng(0),
+                              mixable=np.zeros(logits.shape, dtype=bool))
+    assert (none == -1).all() and torch.equal(kept, tokens)
+    # the answer targets say what the head reads in each mix, the rest what the labels say
+    results = trainer._boundary_targets(np.arange(len(tokens)), trainer.aus, (mixed, logits), partner)
+    for row, result in enumerate(results):
+        sample = trainer.table.samples[row]
+        for k, a in enumerate(trainer.aus):
+            expected = bool(read[row, k] > 0) if partner[row, k] >= 0 else a in sample.aus
+            assert result.present[a] == expected
+            assert (result.intensity[a] or 0) > 0 if expected else result.intensity[a] == 0
+
+
+def test_training_with_boundary_mixes_lowers_the_answer_loss(tiny_manifest, tmp_path):
+    trainer = Trainer(_config(tiny_manifest, tmp_path, formats=("binary",), boundary_mix=0.5, lora_steps=0))
+    trainer.run()
+    assert trainer._bank is not None and trainer._bank[0].shape[0] == len(trainer.table)
+    assert _mean(trainer.history, "projector", "last", "lm") < _mean(trainer.history, "projector", "first", "lm")
+    with pytest.raises(ValueError, match="frozen"):
+        Trainer(_config(tiny_manifest, tmp_path / "b", boundary_mix=0.5, encoder_lr_scale=0.2))
