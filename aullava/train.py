@@ -108,8 +108,9 @@ def boundary_mix(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.
     Each chosen token is mixed with the same AU's token of a bank face whose head logit has the other sign,
     in the proportion that puts the head's logit (linear in the token) at a value drawn uniformly from
     [gap, reach] on the token's own side of 0 (the head's reading does not change), or as near as the two ends
-    allow: a token already nearer the boundary than its aim stays as it is. Returns the tokens with the mixes and the bank face of
-    each mix ([B,K], -1 where unmixed). `mixable` [B,K] bool: where mixes may go (default everywhere)."""
+    allow: a token already nearer the boundary than its aim stays as it is. Returns the tokens with the mixes
+    and the bank face of each mix ([B,K], -1 where unmixed). `mixable` [B,K] bool: where mixes may go (default
+    everywhere)."""
     own, bank = logits.detach().float().cpu().numpy(), bank_logits.detach().float().cpu().numpy()
     chosen = rng.random(own.shape) < rate
     if mixable is not None:
@@ -229,7 +230,7 @@ class Trainer:
 
     def _boundary_targets(self, indices, asked, encoded, partner) -> list[fmt_lib.AUResult]:
         """Answers for faces whose AU tokens were mixed: a mixed AU is present where the head reads the mix as
-        present, at the level of whichever of the two faces has the AU."""
+        present (its face's label, unless head and label disagree), at the level of whichever face has the AU."""
         with torch.no_grad():
             mixed_present = (self.model.encoder.read_logits(encoded[0]) > 0).cpu().numpy()
         results = []
