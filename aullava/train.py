@@ -46,6 +46,9 @@ class TrainConfig:
     kinds: tuple = ("peak", "neutral", "near_peak")
     held_out_subjects: tuple = ()
     formats: tuple = tuple(FORMAT_WEIGHTS)
+    # Relative share of LLM-stage steps per format (unnamed formats keep FORMAT_WEIGHTS). A list answer holds
+    # ~4 decisions, a binary one 19: at equal shares the list learns from far fewer decisions.
+    format_weights: dict = field(default_factory=dict)
     encoder_steps: int = 1200
     projector_steps: int = 60
     lora_steps: int = 150
@@ -153,6 +156,10 @@ class Trainer:
         self.accelerator = Accelerator(cpu=use_cpu(config.cpu), mixed_precision=config.mixed_precision)
         self.device = self.accelerator.device
         self.log = log if self.accelerator.is_main_process else (lambda *args, **kwargs: None)
+        unknown = sorted(set(config.format_weights) - set(fmt_lib.format_names()))
+        if unknown or any(not w > 0 for w in config.format_weights.values()):
+            raise ValueError(f"format_weights takes positive shares of the formats {', '.join(fmt_lib.format_names())}; "
+                             f"got {config.format_weights}")
         if config.grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, not {config.grad_accum}")
         processes = self.accelerator.num_processes
@@ -312,7 +319,8 @@ class Trainer:
 
     def _answer_step(self, rng, batch_size):
         names = [f for f in self.config.formats]
-        weights = np.array([FORMAT_WEIGHTS.get(f, 1) for f in names], dtype=float)
+        shares = {**FORMAT_WEIGHTS, **self.config.format_weights}
+        weights = np.array([shares.get(f, 1) for f in names], dtype=float)
         format_name = names[rng.choice(len(names), p=weights / weights.sum())]
         if len(self.answer_groups) == 1:
             asked, pool = self.answer_groups[0]

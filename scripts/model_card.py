@@ -121,16 +121,25 @@ if crossval_dir:
         lines += [f"Its encoder, the recipe of its time, differs from this checkpoint's: "
                   f"{_encoder_words({'encoder': cv_encoder})}. To run it again, pass `--config` a JSON file holding "
                   f"`{json.dumps({'model': {'encoder': cv_encoder}})}`.", ""]
-    lines += [(crossval_dir / "crossval.md").read_text(), ""]
+    if budget["lora_steps"] < train_config.get("lora_steps", 0):
+        means = {n: round(sum(f["macro_f1_per_fold"]) / len(f["macro_f1_per_fold"]), 3)
+                 for n, f in full["formats"].items() if f.get("macro_f1_per_fold")}
+        lines += [f"These figures describe that reduced recipe, not this checkpoint (per-fold macro F1, mean over "
+                  f"the folds: {', '.join(f'{n} {v}' for n, v in means.items())}). The format answers need the LoRA stage: "
+                  f"at {budget['lora_steps']} LoRA steps the binary answer had not learned its format and wrote "
+                  f"0 for nearly every AU, which this checkpoint's {train_config.get('lora_steps')} steps teach "
+                  "(fold 0 above). The whole model at the shipped budget over 3 folds would take about 3 h of this "
+                  "2-core CPU and has not been run.", ""]
+    lines += [(crossval_dir / "crossval.md").read_text().rstrip(), ""]
 intensity = {n: m["intensity"] for n, m in report["formats"].items() if m.get("intensity")}
 if intensity:
     lines += [f"Intensity on coded labels: {json.dumps(intensity)}", ""]
 extra = checkpoint / "EXTRA.md"
 if extra.exists():
-    lines += [extra.read_text(), ""]
+    lines += [extra.read_text().rstrip(), ""]
 retrain = checkpoint / "RETRAIN.md"  # how the checkpoint was really trained, when one command does not say it
 if retrain.exists():
-    lines += [retrain.read_text(), ""]
+    lines += [retrain.read_text().rstrip(), ""]
 else:
     lines += ["## Retrain", "```bash",
               "python -m aullava train --manifest ../shared/data/ckplus48/manifest.csv --out runs/ckplus \\",

@@ -257,3 +257,14 @@ def test_training_with_boundary_mixes_lowers_the_answer_loss(tiny_manifest, tmp_
     assert _mean(trainer.history, "projector", "last", "lm") < _mean(trainer.history, "projector", "first", "lm")
     with pytest.raises(ValueError, match="frozen"):
         Trainer(_config(tiny_manifest, tmp_path / "b", boundary_mix=0.5, encoder_lr_scale=0.2))
+
+
+def test_format_weights_set_each_formats_share_of_the_llm_steps(tiny_manifest, tmp_path):
+    trainer = Trainer(_config(tiny_manifest, tmp_path, formats=("list", "binary"), format_weights={"list": 30},
+                              encoder_steps=2, projector_steps=20, lora_steps=0))
+    trainer.run()
+    asked = [h["format"] for h in trainer.history if h["stage"] == "projector"]
+    assert asked.count("list") >= 15 and len(asked) == 20  # p(list) = 30/33; steps are seeded
+    for bad in ({"lists": 2}, {"list": 0}):
+        with pytest.raises(ValueError, match="format_weights"):
+            Trainer(_config(tiny_manifest, tmp_path / "bad", format_weights=bad))
