@@ -128,8 +128,8 @@ if crossval_dir:
                   f"the folds: {', '.join(f'{n} {v}' for n, v in means.items())}). The format answers need the LoRA stage: "
                   f"at {budget['lora_steps']} LoRA steps the binary answer had not learned its format and wrote "
                   f"0 for nearly every AU, which this checkpoint's {train_config.get('lora_steps')} steps teach "
-                  "(fold 0 above). The whole model at the shipped budget over 3 folds would take about 3 h of this "
-                  "2-core CPU and has not been run.", ""]
+                  f"(fold 0 above). The whole model at the shipped budget over {full['folds']} folds would take "
+                  "about 3 h of this 2-core CPU and has not been run.", ""]
     lines += [(crossval_dir / "crossval.md").read_text().rstrip(), ""]
 intensity = {n: m["intensity"] for n, m in report["formats"].items() if m.get("intensity")}
 if intensity:
