@@ -160,6 +160,9 @@ class Trainer:
         if unknown or any(not w > 0 for w in config.format_weights.values()):
             raise ValueError(f"format_weights takes positive shares of the formats {', '.join(fmt_lib.format_names())}; "
                              f"got {config.format_weights}")
+        shares = {**FORMAT_WEIGHTS, **config.format_weights}
+        weights = np.array([shares.get(f, 1) for f in config.formats], dtype=float)
+        self.format_probabilities = weights / weights.sum()  # of config.formats, per LLM-stage step
         if config.grad_accum < 1:
             raise ValueError(f"grad_accum must be at least 1, not {config.grad_accum}")
         processes = self.accelerator.num_processes
@@ -318,10 +321,8 @@ class Trainer:
         return means["aux"], means
 
     def _answer_step(self, rng, batch_size):
-        names = [f for f in self.config.formats]
-        shares = {**FORMAT_WEIGHTS, **self.config.format_weights}
-        weights = np.array([shares.get(f, 1) for f in names], dtype=float)
-        format_name = names[rng.choice(len(names), p=weights / weights.sum())]
+        names = self.config.formats
+        format_name = names[rng.choice(len(names), p=self.format_probabilities)]
         if len(self.answer_groups) == 1:
             asked, pool = self.answer_groups[0]
         else:  # a group (AU set) in proportion to its images
