@@ -241,7 +241,8 @@ def test_boundary_mixes_move_tokens_toward_the_heads_boundary_on_their_own_side(
                               mixable=np.zeros(logits.shape, dtype=bool))
     assert (none == -1).all() and torch.equal(kept, tokens)
     # the answer targets say what the head reads in each mix, the rest what the labels say
-    results = trainer._boundary_targets(np.arange(len(tokens)), trainer.aus, (mixed, logits), partner)
+    results = trainer._token_targets(np.arange(len(tokens)), trainer.aus, (mixed, logits), partner,
+                                     np.full(partner.shape, -1))
     for row, result in enumerate(results):
         sample = trainer.table.samples[row]
         for k, a in enumerate(trainer.aus):
@@ -250,8 +251,39 @@ def test_boundary_mixes_move_tokens_toward_the_heads_boundary_on_their_own_side(
             assert (result.intensity[a] or 0) > 0 if expected else result.intensity[a] == 0
 
 
-def test_training_with_boundary_mixes_lowers_the_answer_loss(tiny_manifest, tmp_path):
-    trainer = Trainer(_config(tiny_manifest, tmp_path, formats=("binary",), boundary_mix=0.5, lora_steps=0))
+def test_chimeras_take_each_au_token_from_a_labelled_face_and_answer_what_that_face_has(tiny_manifest, tmp_path):
+    from aullava.train import chimeras
+
+    trainer = Trainer(_config(tiny_manifest, tmp_path, encoder_steps=0, projector_steps=0, lora_steps=0, chimera=1.0))
+    tokens, logits = trainer._bank_of_faces()
+    faces = np.arange(len(tokens))
+    known = trainer.known.numpy() > 0
+    known[0, 0] = False  # a face without a label for the first AU never lends it
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    same, same_logits, none = chimeras(tokens, logits, tokens, logits, known, 0.0, rng)
+    assert (none == -1).all() and same is tokens and same_logits is logits
+    assert rng.bit_generator.state == state  # rate 0 draws nothing: seeded runs without chimeras are unchanged
+    mixable = np.ones(known.shape, dtype=bool)
+    mixable[:, 1] = False
+    mixed, mixed_logits, source = chimeras(tokens, logits, tokens, logits, known, 1.0, rng, mixable=mixable)
+    assert (source[:, 1] == -1).all() and torch.equal(mixed[:, 1], tokens[:, 1])
+    assert (source[:, [k for k in range(len(trainer.aus)) if k != 1]] >= 0).all()
+    assert 0 not in source[:, 0]
+    for i, k in zip(*np.nonzero(source >= 0)):
+        assert torch.equal(mixed[i, k], tokens[source[i, k], k]) and mixed_logits[i, k] == logits[source[i, k], k]
+    results = trainer._token_targets(faces, trainer.aus, (mixed, logits), np.full(source.shape, -1), source)
+    for row, result in enumerate(results):
+        for k, a in enumerate(trainer.aus):
+            lender = trainer.table.samples[source[row, k] if source[row, k] >= 0 else row]
+            assert result.present[a] == (a in lender.aus)
+    with pytest.raises(ValueError, match="frozen"):
+        Trainer(_config(tiny_manifest, tmp_path / "b", chimera=0.5, encoder_lr_scale=0.2))
+
+
+@pytest.mark.parametrize("altered", [{"boundary_mix": 0.5}, {"boundary_mix": 0.25, "chimera": 0.5}])
+def test_training_on_altered_tokens_lowers_the_answer_loss(tiny_manifest, tmp_path, altered):
+    trainer = Trainer(_config(tiny_manifest, tmp_path, formats=("binary",), lora_steps=0, **altered))
     trainer.run()
     assert trainer._bank is not None and trainer._bank[0].shape[0] == len(trainer.table)
     assert _mean(trainer.history, "projector", "last", "lm") < _mean(trainer.history, "projector", "first", "lm")
