@@ -186,9 +186,10 @@ class Trainer:
         self.accelerator = Accelerator(cpu=use_cpu(config.cpu), mixed_precision=config.mixed_precision)
         self.device = self.accelerator.device
         self.log = log if self.accelerator.is_main_process else (lambda *args, **kwargs: None)
-        unknown = sorted(set(config.format_weights) - set(fmt_lib.format_names()))
+        unknown = sorted(set(config.format_weights) - set(config.formats))
         if unknown or any(not w > 0 for w in config.format_weights.values()):
-            raise ValueError(f"format_weights takes positive shares of the formats {', '.join(fmt_lib.format_names())}; "
+            # a share for a format that is not trained would silently do nothing
+            raise ValueError(f"format_weights takes positive shares of the trained formats {', '.join(config.formats)}; "
                              f"got {config.format_weights}")
         shares = {**FORMAT_WEIGHTS, **config.format_weights}
         weights = np.array([shares.get(f, 1) for f in config.formats], dtype=float)

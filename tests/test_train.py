@@ -297,6 +297,6 @@ def test_format_weights_set_each_formats_share_of_the_llm_steps(tiny_manifest, t
     trainer.run()
     asked = [h["format"] for h in trainer.history if h["stage"] == "projector"]
     assert asked.count("list") >= 15 and len(asked) == 20  # p(list) = 30/33; steps are seeded
-    for bad in ({"lists": 2}, {"list": 0}):
+    for bad in ({"lists": 2}, {"list": 0}, {"json": 2}):  # json: a format this run does not train
         with pytest.raises(ValueError, match="format_weights"):
-            Trainer(_config(tiny_manifest, tmp_path / "bad", format_weights=bad))
+            Trainer(_config(tiny_manifest, tmp_path / "bad", formats=("list", "binary"), format_weights=bad))
