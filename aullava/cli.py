@@ -152,7 +152,7 @@ def _train_config(args, **extra):
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
              "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
-             "boundary_mix": args.boundary_mix}
+             "boundary_mix": args.boundary_mix, "chimera": args.chimera}
     return train_config(args.config, **flags, **extra)
 
 
@@ -192,6 +192,8 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--grad-accum", type=int, help="micro-batches per process and step (default 1)")
     parser.add_argument("--boundary-mix", type=float, help="share of the LLM stages' AU decisions taught on AU "
                         "tokens moved toward the encoder head's decision boundary (default 0.25; 0 turns it off)")
+    parser.add_argument("--chimera", type=float, help="share of the LLM stages' faces made of AU tokens each taken "
+                        "from another training face, so that no AU can be read from the others (default 0)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                         help="default: accelerate's (launch flag or `accelerate config`), else no")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")

@@ -39,3 +39,13 @@ def test_hf_encoder_takes_its_input_size_from_the_config():
     encoder = AUEncoder({"type": "hf", "vision_config": vision, "dim": 16, "image_size": 56, "head_layers": 1}, 3)
     tokens, logits = encoder(torch.zeros(2, 1, 64, 64), torch.zeros(2, 68, 2))
     assert encoder.backbone.image_size == 56 and tokens.shape == (2, 3, 16) and logits.shape == (2, 3)
+
+
+def test_training_flags_override_the_config_file_and_unset_flags_keep_it(tmp_path):
+    from aullava.cli import _train_config, build_parser
+
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"manifest": "m.csv", "out": "o", "boundary_mix": 0.1, "chimera": 0.2}))
+    args = build_parser().parse_args(["train", "--config", str(path), "--chimera", "0.5", "--lora-steps", "7"])
+    config = _train_config(args)
+    assert (config.chimera, config.lora_steps, config.boundary_mix, config.manifest) == (0.5, 7, 0.1, "m.csv")
