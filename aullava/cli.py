@@ -139,6 +139,10 @@ def _evaluate(args) -> int:
     for key, label in (("encoder_head", "encoder's own head (not an answer)"), ("readout", "fast read-out (live mode)")):
         if key in diagnostics:
             print(f"{label}: macro F1 {diagnostics[key]['macro_f1']}")
+    if "chimeras" in diagnostics:
+        chimeras = diagnostics["chimeras"]
+        print(f"read-out on chimeric faces (each AU token from another face): macro F1 "
+              f"{chimeras['readout']['macro_f1']}, the head {chimeras['encoder_head']['macro_f1']}")
     print(f"detection rate {report['detection_rate']}; agreement {report['agreement'].get('all')}; written {args.out}")
     return 0
 

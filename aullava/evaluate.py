@@ -83,7 +83,8 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
              subjects=None, batch_size: int = 16, progress: bool = True, diagnostics: bool = True) -> dict:
     """Metrics of the model's written answers per format. With `diagnostics`, also (labelled apart, never as
     the model's answer) its encoder's own per-AU head and the fast read-out of the live mode: what the
-    features know, and how much of it the writing keeps."""
+    features know, and how much of it the writing keeps; and the read-out on chimeric faces: whether the LLM
+    reads each AU's token or the face as a whole."""
     samples = read_manifests(manifest, images_root, kinds=kinds)
     if kinds is None:
         samples = [s for s in samples if s.kind != "near_peak"]
@@ -150,12 +151,15 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -
     import torch
 
     aus = analyzer.aus
+    model = analyzer.model
     head, readout, converged = np.zeros_like(truth), np.zeros_like(truth), 0
+    encoded = []
     for start in range(0, len(faces), batch_size):
         batch = faces[start:start + batch_size]
         chip, landmarks = analyzer._tensors(batch)
         with torch.no_grad(), analyzer.lock:
-            _, logits = analyzer.model.on_model_thread(analyzer.model.encoder, chip, landmarks)
+            tokens, logits = model.on_model_thread(model.encoder, chip, landmarks)
+        encoded.append((tokens, logits))
         read = analyzer.read_presence(batch)
         for offset, row in enumerate(rows[start:start + batch_size]):
             head[row] = (logits[offset] > 0).numpy()
@@ -163,10 +167,38 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -
             converged += read[offset][1]
     out = {"encoder_head": presence_metrics(truth, head, aus, known),
            "readout": presence_metrics(truth, readout, aus, known),
-           "readout_converged": round(converged / max(1, len(faces)), 4)}
+           "readout_converged": round(converged / max(1, len(faces)), 4),
+           "readout_agrees_with_head": round(float((readout[rows] == head[rows]).mean()), 4),
+           "chimeras": _chimeric_readout(analyzer, faces, rows, truth, known, batch_size, encoded)}
     if binary is not None:
         out["readout_agrees_with_binary"] = round(float((readout == binary).mean()), 4)
     return out
+
+
+def _chimeric_readout(analyzer, faces, rows, truth, known, batch_size, encoded) -> dict:
+    """The read-out on chimeric faces: each AU's token taken from another evaluated face (seeded), its truth that
+    face's label. The head reads each token alone; an LLM that reads each token too keeps its F1 here, one that
+    reads the face as a whole (e.g. as a posed-emotion prototype) loses it."""
+    import torch
+
+    tokens = torch.cat([t for t, _ in encoded])
+    logits = torch.cat([l for _, l in encoded])
+    n, k = logits.shape
+    lender = np.random.default_rng(0).integers(n, size=(n, k))
+    column = np.arange(k)[None, :]
+    tokens, logits = tokens[lender, column], logits[lender, column]
+    truth, known = truth[rows][lender, column], known[rows][lender, column]
+    read = []
+    for start in range(0, n, batch_size):
+        part = slice(start, start + batch_size)
+        chip, landmarks = analyzer._tensors(faces[part])  # only their count matters: the tokens are given
+        with analyzer.lock:
+            p_one, _ = analyzer.model.read_presence(chip, landmarks, encoded=(tokens[part], logits[part]))
+        read.append(p_one.float().cpu().numpy() >= 0.5)
+    read, head = np.concatenate(read), (logits > 0).cpu().numpy()
+    return {"encoder_head": presence_metrics(truth, head, analyzer.aus, known),
+            "readout": presence_metrics(truth, read, analyzer.aus, known),
+            "readout_agrees_with_head": round(float((read == head).mean()), 4)}
 
 
 def format_agreement(presence_by_format: dict) -> dict:

@@ -319,7 +319,7 @@ class AULlava(nn.Module):
         return (losses.sum() if reduction == "sum" else losses.mean()), au_logits
 
     @torch.no_grad()
-    def read_presence(self, chip, landmarks, passes: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    def read_presence(self, chip, landmarks, passes: int = 3, encoded=None) -> tuple[torch.Tensor, torch.Tensor]:
         """A few forward passes instead of writing: per face and AU, the probability the model gives "1" at that
         AU's digit of its binary answer (AU01:<d> AU02:<d> ...), and per face whether that answer converged.
 
@@ -327,7 +327,8 @@ class AULlava(nn.Module):
         choice at once, each next pass feeds the digits the previous pass chose. A fixed point (the digits
         fed are the digits chosen) is exactly the answer the decoder writes one digit at a time, with the same
         probabilities; `converged` says whether it was reached within `passes`. Otherwise the probabilities
-        are a read-out of the model's answer given the last digits fed, not its written answer."""
+        are a read-out of the model's answer given the last digits fed, not its written answer. `encoded`: the
+        faces' (AU tokens, logits) where the caller has them (or has altered them), as in `answer_loss`."""
         nothing = fmt_lib.AUResult.from_active(self.config.aus, ())
         ids, choices, _ = self.answer_targets("binary", nothing)
         positions = [i for i, c in enumerate(choices) if c is not None]
@@ -346,7 +347,7 @@ class AULlava(nn.Module):
                 answer = template.clone()
                 answer[:, columns] = torch.where(fed, one_token, zero_token)
                 hidden, start, _ = self._answer_hidden(chip.float(), landmarks.float(), "binary", answer.tolist(),
-                                                       reuse_prefix=True)
+                                                       reuse_prefix=True, encoded=encoded)
                 option_logits = self.token_logits(hidden[:, start + columns], alternatives)
                 p_one = (option_logits.softmax(-1) * is_one).sum(-1)
                 chosen = option_logits.argmax(-1) == is_one.int().argmax(-1)  # the decoder's pick is "1"

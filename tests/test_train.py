@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from aullava.data.faces import face_batch
 from aullava.train import Trainer, TrainConfig
 
 TINY_MODEL = {"aus": (1, 2, 4, 6, 7, 12, 25),
@@ -93,6 +94,22 @@ def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
     for key in ("encoder_head", "readout"):
         assert set(diagnostics[key]["per_au"]) == {f"AU{a}" for a in TINY_MODEL["aus"]}
     assert 0.0 <= diagnostics["readout_agrees_with_binary"] <= 1.0
+    chimeras = diagnostics["chimeras"]  # the read-out on faces made of other faces' AU tokens
+    assert set(chimeras["readout"]["per_au"]) == {f"AU{a}" for a in TINY_MODEL["aus"]}
+    assert 0.0 <= chimeras["readout_agrees_with_head"] <= 1.0
+
+
+def test_read_presence_on_given_tokens_is_the_read_presence_of_the_faces_they_come_from(trained):
+    trainer, _ = trained
+    model = trainer.model.eval()
+    chip, landmarks = face_batch(trainer.table, np.arange(len(trainer.table)), model.config.chip_size)
+    with torch.no_grad():
+        tokens, logits = model.encoder(chip, landmarks)
+    own, _ = model.read_presence(chip, landmarks)
+    given, _ = model.read_presence(chip, landmarks, encoded=(tokens, logits))
+    assert torch.allclose(own, given, atol=1e-5)
+    other, _ = model.read_presence(chip, landmarks, encoded=(tokens + 5 * torch.randn_like(tokens), logits))
+    assert not torch.allclose(own, other, atol=1e-3)  # what is read follows the tokens given, not the chips
 
 
 def test_bench_times_every_stage_and_finds_every_face(trained, tmp_path):
