@@ -267,10 +267,14 @@ class Trainer:
             self.model.add_lora()
 
     # ----- targets -----------------------------------------------------------------------------------
+    def _level(self, sample, au) -> float:
+        """The intensity an answer gives `au` where `sample` has it: its coded level, else the AU's default."""
+        return sample.intensities.get(au, self.default_levels[au])
+
     def result_for(self, sample, asked=None) -> fmt_lib.AUResult:
         asked = asked or self.aus
         active = [a for a in asked if a in sample.aus]
-        levels = {a: sample.intensities.get(a, self.default_levels[a]) for a in active}
+        levels = {a: self._level(sample, a) for a in active}
         return fmt_lib.AUResult.from_active(asked, active, levels)
 
     def _token_targets(self, indices, asked, encoded, partner, source) -> list[fmt_lib.AUResult]:
@@ -287,12 +291,12 @@ class Trainer:
                 k = self.aus.index(a)
                 own = self.table.samples[source[row, k] if source[row, k] >= 0 else i]
                 present[a] = a in own.aus
-                levels[a] = own.intensities.get(a, self.default_levels[a]) if present[a] else 0.0
+                levels[a] = self._level(own, a) if present[a] else 0.0
                 j = partner[row, k]
                 if j < 0:
                     continue
                 if mixed_present[row, k] and not present[a]:
-                    levels[a] = self.table.samples[j].intensities.get(a, self.default_levels[a])
+                    levels[a] = self._level(self.table.samples[j], a)
                 elif not mixed_present[row, k]:
                     levels[a] = 0.0
                 present[a] = bool(mixed_present[row, k])
