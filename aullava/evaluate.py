@@ -159,7 +159,7 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -
         chip, landmarks = analyzer._tensors(batch)
         with torch.no_grad(), analyzer.lock:
             tokens, logits = model.on_model_thread(model.encoder, chip, landmarks)
-        encoded.append((tokens, logits))
+        encoded.append((chip, landmarks, tokens, logits))
         read = analyzer.read_presence(batch)
         for offset, row in enumerate(rows[start:start + batch_size]):
             head[row] = (logits[offset] > 0).numpy()
@@ -169,29 +169,29 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -
            "readout": presence_metrics(truth, readout, aus, known),
            "readout_converged": round(converged / max(1, len(faces)), 4),
            "readout_agrees_with_head": round(float((readout[rows] == head[rows]).mean()), 4),
-           "chimeras": _chimeric_readout(analyzer, faces, rows, truth, known, batch_size, encoded)}
+           "chimeras": _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded)}
     if binary is not None:
         out["readout_agrees_with_binary"] = round(float((readout == binary).mean()), 4)
     return out
 
 
-def _chimeric_readout(analyzer, faces, rows, truth, known, batch_size, encoded) -> dict:
+def _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded) -> dict:
     """The read-out on chimeric faces: each AU's token taken from another evaluated face (seeded), its truth that
     face's label. The head reads each token alone; an LLM that reads each token too keeps its F1 here, one that
-    reads the face as a whole (e.g. as a posed-emotion prototype) loses it."""
+    reads the face as a whole (e.g. as a posed-emotion prototype) loses it. `encoded`: per batch of `batch_size`
+    faces, (chip, landmarks, AU tokens, logits)."""
     import torch
 
-    tokens = torch.cat([t for t, _ in encoded])
-    logits = torch.cat([l for _, l in encoded])
+    tokens = torch.cat([t for _, _, t, _ in encoded])
+    logits = torch.cat([l for _, _, _, l in encoded])
     n, k = logits.shape
     lender = np.random.default_rng(0).integers(n, size=(n, k))
     column = np.arange(k)[None, :]
     tokens, logits = tokens[lender, column], logits[lender, column]
     truth, known = truth[rows][lender, column], known[rows][lender, column]
     read = []
-    for start in range(0, n, batch_size):
-        part = slice(start, start + batch_size)
-        chip, landmarks = analyzer._tensors(faces[part])  # only their count matters: the tokens are given
+    for start, (chip, landmarks, _, _) in zip(range(0, n, batch_size), encoded):
+        part = slice(start, start + batch_size)  # the batch's chips only give its size: the tokens are given
         with analyzer.lock:
             p_one, _ = analyzer.model.read_presence(chip, landmarks, encoded=(tokens[part], logits[part]))
         read.append(p_one.float().cpu().numpy() >= 0.5)
