@@ -37,6 +37,9 @@ SYSTEM_PROMPT = ("You are AU-LLaVA, a facial action coding assistant. You look a
 CONFIG_NAME = "aullava_config.json"
 WEIGHTS_NAME = "aullava.safetensors"
 ADAPTER_DIR = "adapter"
+# Features of the head's logit z appended to each AU token when the config asks for `evidence`: a saturated
+# presence reading and the logit's size (the strength of the evidence).
+EVIDENCE_FEATURES = {"presence": lambda z: torch.tanh(z / 2), "strength": lambda z: z / 8}
 
 
 @dataclass
@@ -50,6 +53,15 @@ class AULlavaConfig:
         "r": 8, "lora_alpha": 16, "lora_dropout": 0.05,
         "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]})
     system_prompt: str = SYSTEM_PROMPT
+    # Append the encoder head's reading of each AU token (its logit) to the token's features before the
+    # projector, so that AU k's evidence sits in token k along one direction shared by all AUs. Without it the
+    # head's reading is a different direction per AU inside tokens that each carry the whole face (the head's
+    # queries attend to one another), and the LLM reads the face as a whole (evaluate's chimeric read-out).
+    evidence: bool = False
+    # Put each AU's image token right after its code in the prompt ("AU01:<token> AU02:<token> ..."), the code
+    # the answers write before that AU's decision, so the LLM can find an AU's token by its code (as it finds a
+    # repeated phrase) instead of by its place among the image tokens.
+    labelled_tokens: bool = False
     training: dict = field(default_factory=dict)  # provenance written by train.py
 
     @property
@@ -63,6 +75,8 @@ class AULlavaConfig:
     def from_dict(cls, data: dict) -> "AULlavaConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         known["aus"] = tuple(int(a) for a in known.get("aus", DEFAULT_AUS))
+        for written_later in ("evidence", "labelled_tokens"):  # a config older than the field: without it
+            known.setdefault(written_later, False)
         return cls(**known)
 
 
@@ -99,7 +113,8 @@ class AULlava(nn.Module):
         self.tokenizer = tokenizer
         self.encoder = encoder if encoder is not None else build_encoder(config.encoder, len(config.aus))
         self.llm = causal_lm  # a transformers causal LM, or a peft PeftModel around one
-        self.projector = nn.Linear(self.encoder.hidden_size, self._causal_lm().config.hidden_size)
+        extra = len(EVIDENCE_FEATURES) if config.evidence else 0
+        self.projector = nn.Linear(self.encoder.hidden_size + extra, self._causal_lm().config.hidden_size)
         self._prefix_cache: dict[str, tuple] = {}
         self._option_tries: dict[tuple, _OptionTrie] = {}
         self._switchable: list[tuple] = []  # (parameter, pre-trained tensor, merged tensor), see merge_lora
@@ -249,7 +264,33 @@ class AULlava(nn.Module):
     # ----- forward -----------------------------------------------------------------------------------
     def image_embeddings(self, chip: torch.Tensor, landmarks: torch.Tensor):
         au_tokens, au_logits = self.encoder(chip, landmarks)
-        return self.projector(au_tokens), au_logits
+        return self.project(au_tokens), au_logits
+
+    def project(self, au_tokens: torch.Tensor) -> torch.Tensor:
+        """AU tokens [B,K,D] -> the LLM's input embeddings [B,K,H]. With `evidence`, the head's logit is read
+        from the tokens themselves, so altered tokens (boundary mixes, chimeras) carry their own reading."""
+        if self.config.evidence:
+            logits = self.encoder.read_logits(au_tokens).unsqueeze(-1)
+            # scaled so that at the projector's initialisation the evidence weighs about as much as the token
+            scale = self.encoder.hidden_size ** 0.5
+            evidence = torch.cat([feature(logits) for feature in EVIDENCE_FEATURES.values()], dim=-1) * scale
+            au_tokens = torch.cat([au_tokens, evidence.to(au_tokens.dtype)], dim=-1)
+        return self.projector(au_tokens)
+
+    def image_sequence(self, image: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """What is spliced in at the image placeholder: the projected AU tokens [B,K,H], each after its AU's
+        code when the config asks for `labelled_tokens`."""
+        image = image.to(dtype)
+        if not self.config.labelled_tokens:
+            return image
+        labels = [self.encode(("" if k == 0 else " ") + fmt_lib.au_code(a) + ":") for k, a in enumerate(self.config.aus)]
+        embedded = self._causal_lm().get_input_embeddings()(
+            torch.tensor([i for ids in labels for i in ids], device=image.device)).to(dtype)
+        pieces, start = [], 0
+        for k, ids in enumerate(labels):
+            pieces += [embedded[start:start + len(ids)].expand(image.shape[0], -1, -1), image[:, k:k + 1]]
+            start += len(ids)
+        return torch.cat(pieces, dim=1)
 
     def _decode(self, embeds, attention_mask, position_ids, cache):
         return self._causal_lm().get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask,
@@ -264,14 +305,14 @@ class AULlava(nn.Module):
         prefix_len, kv, suffix = self._prefix(format_name, reuse=reuse_prefix, aus=aus)
         batch = chip.shape[0]
         au_tokens, au_logits = encoded if encoded is not None else self.encoder(chip, landmarks)
-        image = self.projector(au_tokens)
+        image = self.image_sequence(self.project(au_tokens), self.llm_dtype)
         fed = [list(suffix) + list(answer) for answer in answers]
         ids = _padded(fed, self.eos_id)
         filled = torch.arange(ids.shape[1]) < torch.tensor([len(row) for row in fed]).unsqueeze(1)
         mask = torch.cat([torch.ones(batch, prefix_len + image.shape[1], dtype=torch.long), filled.long()], dim=1)
         ids, mask = ids.to(image.device), mask.to(image.device)
         token_embeds = self._causal_lm().get_input_embeddings()(ids)
-        embeds = torch.cat([image.to(token_embeds.dtype), token_embeds], dim=1)
+        embeds = torch.cat([image, token_embeds], dim=1)
         positions = torch.arange(prefix_len, prefix_len + embeds.shape[1], device=embeds.device).unsqueeze(0).expand(batch, -1)
         hidden = self._decode(embeds, mask, positions, self._expanded_cache(kv, batch))
         # position t predicts token t+1: the answer's tokens are predicted from the position before each
@@ -468,7 +509,8 @@ class AULlava(nn.Module):
         feeds = drafts
         ids = _padded([list(suffix) + feed for feed in feeds], self.eos_id)
         token_embeds = embed(ids.to(device))
-        embeds = torch.cat([image.to(token_embeds.dtype), token_embeds], dim=1)
+        image = self.image_sequence(image, token_embeds.dtype)
+        embeds = torch.cat([image, token_embeds], dim=1)
         fed_from = prefix_len + image.shape[1] + len(suffix)  # cache column of the answer's first token
         mask = torch.ones(batch, prefix_len + embeds.shape[1], dtype=torch.long, device=device)
         positions = torch.arange(prefix_len, mask.shape[1], device=device).unsqueeze(0).expand(batch, -1)

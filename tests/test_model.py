@@ -8,15 +8,17 @@ from aullava.model import AULlava, AULlavaConfig, from_pretrained, save_pretrain
 AUS = (1, 2, 4, 6, 12, 25)
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
+# the prompt layouts: AU tokens alone at the image placeholder, or each after its code with the head's evidence
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "labelled"])
+def tiny_model(request):
     from aullava.llm import tiny_llm
 
     torch.manual_seed(0)
     llm, tokenizer = tiny_llm(seed=0)
     config = AULlavaConfig(aus=AUS, encoder={"type": "landmark_patch", "dim": 32, "chip_size": 64, "channels": 16,
                                              "head_layers": 1},
-                           lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]})
+                           lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
+                           evidence=request.param, labelled_tokens=request.param)
     model = AULlava(config, llm, tokenizer)
     model.add_lora()
     # make LoRA non-trivial so a lost adapter would change the outputs
@@ -256,3 +258,54 @@ def test_encoder_ensemble_joins_tokens_averages_logits_and_round_trips(tmp_path)
     assert [g.text for g in loaded.generate(chip, landmarks, "list")] == [g.text for g in model.generate(chip, landmarks, "list")]
     with pytest.raises(ValueError, match="members must be at least 1"):
         build_encoder({**encoder, "members": 0}, len(AUS))
+
+
+def test_evidence_puts_each_tokens_head_reading_beside_it_and_round_trips(tmp_path):
+    from aullava.llm import tiny_llm
+    from aullava.model import EVIDENCE_FEATURES
+
+    torch.manual_seed(2)
+    llm, tokenizer = tiny_llm(seed=0)
+    encoder = {"type": "landmark_patch", "dim": 16, "chip_size": 64, "channels": 8, "head_layers": 1, "members": 2}
+    model = AULlava(AULlavaConfig(aus=AUS, encoder=encoder, lora=None, evidence=True), llm, tokenizer).eval()
+    assert model.projector.in_features == 32 + len(EVIDENCE_FEATURES)
+    chip, landmarks = _faces(2, seed=6)
+    with torch.no_grad():
+        tokens, logits = model.encoder(chip, landmarks)
+        image, _ = model.image_embeddings(chip, landmarks)
+        # the evidence columns of the projector act on the head's logit of each token alone
+        evidence_weight = model.projector.weight[:, 32:]
+        plain = torch.nn.functional.linear(tokens, model.projector.weight[:, :32], model.projector.bias)
+        scale = 32 ** 0.5
+        features = torch.stack([f(logits) for f in EVIDENCE_FEATURES.values()], dim=-1) * scale
+        assert torch.allclose(image, plain + features @ evidence_weight.T, atol=1e-5)
+        # an altered token (here: another face's AU 12 token) brings its own reading along
+        swapped = tokens.clone()
+        swapped[0, 4] = tokens[1, 4]
+        projected = model.project(swapped)
+        assert torch.allclose(projected[0, 4], image[1, 4], atol=1e-5)
+    path = save_pretrained(model, tmp_path / "evidence")
+    loaded = from_pretrained(path, llm=tiny_llm(seed=0)[0], tokenizer=tokenizer)
+    assert loaded.config.evidence
+    assert [g.text for g in loaded.generate(chip, landmarks, "list")] == [g.text for g in model.generate(chip, landmarks, "list")]
+    # a config written before the field existed describes a projector without evidence columns
+    assert AULlavaConfig.from_dict({"aus": list(AUS)}).evidence is False
+
+
+def test_labelled_tokens_follow_their_codes_in_the_prompt(tiny_model):
+    chip, landmarks = _faces(2, seed=7)
+    with torch.no_grad():
+        image, _ = tiny_model.image_embeddings(chip, landmarks)
+        block = tiny_model.image_sequence(image, image.dtype)
+    if not tiny_model.config.labelled_tokens:
+        assert torch.equal(block, image)
+        return
+    embed = tiny_model._causal_lm().get_input_embeddings()
+    at = 0
+    for k, au in enumerate(AUS):
+        ids = tiny_model.encode(("" if k == 0 else " ") + fmt_lib.au_code(au) + ":")
+        with torch.no_grad():
+            assert torch.equal(block[:, at:at + len(ids)], embed(torch.tensor(ids)).expand(2, -1, -1))
+        assert torch.equal(block[:, at + len(ids)], image[:, k])
+        at += len(ids) + 1
+    assert block.shape[1] == at
