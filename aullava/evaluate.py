@@ -143,18 +143,18 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
         report["unknown_labels"] = int((~known).sum())
     if diagnostics and detected:
         report["diagnostics"] = _diagnostics(analyzer, faces, [index_of[id(s)] for s in detected], truth, known,
-                                             batch_size, presence_by_format.get("binary"))
+                                             batch_size, presence_by_format.get("binary"), progress)
     return report
 
 
-def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -> dict:
+def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None, progress: bool = False) -> dict:
     import torch
 
     aus = analyzer.aus
     model = analyzer.model
     head, readout, converged = np.zeros_like(truth), np.zeros_like(truth), 0
     encoded = []
-    for start in range(0, len(faces), batch_size):
+    for start in tqdm(range(0, len(faces), batch_size), desc="head + read-out", disable=not progress, unit="batch"):
         batch = faces[start:start + batch_size]
         chip, landmarks = analyzer._tensors(batch)
         with torch.no_grad(), analyzer.lock:
@@ -169,13 +169,13 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None) -
            "readout": presence_metrics(truth, readout, aus, known),
            "readout_converged": round(converged / max(1, len(faces)), 4),
            "readout_agrees_with_head": round(float((readout[rows] == head[rows]).mean()), 4),
-           "chimeras": _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded)}
+           "chimeras": _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded, progress)}
     if binary is not None:
         out["readout_agrees_with_binary"] = round(float((readout == binary).mean()), 4)
     return out
 
 
-def _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded) -> dict:
+def _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded, progress: bool = False) -> dict:
     """The read-out on chimeric faces: each AU's token taken from another evaluated face (seeded), its truth that
     face's label. The head reads each token alone; an LLM that reads each token too keeps its F1 here, one that
     reads the face as a whole (e.g. as a posed-emotion prototype) loses it. `encoded`: per batch of `batch_size`
@@ -190,7 +190,9 @@ def _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded) -> dict
     tokens, logits = tokens[lender, column], logits[lender, column]
     truth, known = truth[rows][lender, column], known[rows][lender, column]
     read = []
-    for start, (chip, landmarks, _, _) in zip(range(0, n, batch_size), encoded):
+    batches = zip(range(0, n, batch_size), encoded)
+    for start, (chip, landmarks, _, _) in tqdm(batches, desc="chimeric read-out", total=len(encoded),
+                                               disable=not progress, unit="batch"):
         part = slice(start, start + batch_size)  # the batch's chips only give its size: the tokens are given
         with analyzer.lock:
             p_one, _ = analyzer.model.read_presence(chip, landmarks, encoded=(tokens[part], logits[part]))
