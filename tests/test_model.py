@@ -244,7 +244,7 @@ def test_encoder_ensemble_joins_tokens_averages_logits_and_round_trips(tmp_path)
     llm, tokenizer = tiny_llm(seed=0)
     encoder = {"type": "landmark_patch", "dim": 16, "chip_size": 64, "channels": 8, "head_layers": 1, "members": 3}
     model = AULlava(AULlavaConfig(aus=AUS, encoder=encoder, lora=None), llm, tokenizer).eval()
-    assert isinstance(model.encoder, EncoderEnsemble) and model.projector.in_features == 48
+    assert isinstance(model.encoder, EncoderEnsemble) and model.encoder.hidden_size == 48  # three members' tokens joined
     chip, landmarks = _faces(2, seed=5)
     with torch.no_grad():
         tokens, logits = model.encoder(chip, landmarks)
