@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -128,7 +129,13 @@ def _evaluate(args) -> int:
     analyzer = Analyzer(args.checkpoint, speculate=not args.no_speculate)
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
     subjects = args.subjects.split(",") if args.subjects else None
-    report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects)
+    rows = [] if args.predictions else None
+    report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects, predictions=rows)
+    if rows is not None:
+        with open(args.predictions, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["path"])
+            writer.writeheader()
+            writer.writerows(rows)
     report["checkpoint"] = str(analyzer.checkpoint)
     report["speculate"] = analyzer.speculate
     Path(args.out).write_text(json.dumps(report, indent=2))
@@ -267,6 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--kinds", help="rows to use, comma-separated (default: every row but near_peak)")
     evaluate.add_argument("--subjects", help="only these subjects, comma-separated")
     evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--predictions", help="also write a CSV row per image and format: the model's text, the "
+                          "presence it implies per AU (AUn_pred) and the label (AUn_true)")
     evaluate.add_argument("--no-speculate", action="store_true",
                           help="write every answer one decision per LLM pass, without verifying the encoder "
                                "head's draft (slower; the same answers up to float rounding)")

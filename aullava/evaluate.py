@@ -80,18 +80,20 @@ def intensity_metrics(truth: list, predicted: list, aus: list | None = None) -> 
 
 
 def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), kinds=None,
-             subjects=None, batch_size: int = 16, progress: bool = True, diagnostics: bool = True) -> dict:
+             subjects=None, batch_size: int = 16, progress: bool = True, diagnostics: bool = True,
+             predictions: list | None = None) -> dict:
     """Metrics of the model's written answers per format. With `diagnostics`, also (labelled apart, never as
     the model's answer) its encoder's own per-AU head and the fast read-out of the live mode: what the
     features know, and how much of it the writing keeps; and the read-out on chimeric faces: whether the LLM
-    reads each AU's token or the face as a whole."""
+    reads each AU's token or the face as a whole. `predictions`, a list, receives one row per image and format
+    (see prediction_row): what the model wrote for each face, parsed, beside its labels."""
     samples = read_manifests(manifest, images_root, kinds=kinds)
     if kinds is None:
         samples = [s for s in samples if s.kind != "near_peak"]
     if subjects:
         samples = [s for s in samples if s.subject in set(subjects)]
     aus = analyzer.aus
-    detected, faces, detect_seconds, failures = [], [], 0.0, []
+    detected, faces, detect_seconds, failures, undetected = [], [], 0.0, [], []
     for sample in tqdm(samples, desc="detect", disable=not progress, unit="img"):
         started = time.perf_counter()
         try:
@@ -100,6 +102,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
             faces.append(found[0])
         except FaceError as error:
             failures.append({"path": str(sample.path), "reason": str(error)})
+            undetected.append(sample)
         detect_seconds += time.perf_counter() - started
     # Undetected images count as "no AU" predictions in the metrics: the tool gave no answer for them.
     truth = np.array([[a in s.aus for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
@@ -119,6 +122,9 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
             gen_seconds += time.perf_counter() - began
             for sample, outcome in zip(detected[start:start + batch_size], results):
                 row = index_of[id(sample)]
+                if predictions is not None:
+                    predictions.append(prediction_row(sample, format_name, aus, outcome.text, outcome.error,
+                                                      outcome.result))
                 if outcome.result is None:
                     parse_failures.append({"path": str(sample.path), "text": outcome.text, "error": outcome.error})
                     continue
@@ -131,6 +137,9 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
                         levels_true.append(sample.intensities.get(a, 0))
                         levels_pred.append(value or 0.0)
                         level_aus.append(a)
+        if predictions is not None:
+            predictions += [prediction_row(sample, format_name, aus, "", failure["reason"], None)
+                            for sample, failure in zip(undetected, failures)]
         metrics = presence_metrics(truth, predicted, aus, known)
         metrics.update({"parse_failures": len(parse_failures), "parse_failure_examples": parse_failures[:5],
                         "seconds_per_image": round((detect_seconds + gen_seconds) / max(1, len(samples)), 4),
@@ -145,6 +154,20 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
         report["diagnostics"] = _diagnostics(analyzer, faces, [index_of[id(s)] for s in detected], truth, known,
                                              batch_size, presence_by_format.get("binary"), progress)
     return report
+
+
+def prediction_row(sample, format_name, aus, text, error, result) -> dict:
+    """One image's answer in one format beside its labels: `AUn_true` (1, 0, or empty where the label is not
+    known), `AUn_pred` (1 or 0 as the parsed answer implies) and `AUn_intensity` (where the format writes one);
+    empty where nothing was parsed."""
+    row = {"path": str(sample.path), "subject": sample.subject, "kind": sample.kind, "format": format_name,
+           "text": text, "error": error or ""}
+    for a in aus:
+        row[f"AU{a}_true"] = int(a in sample.aus) if sample.is_known(a) else ""
+        row[f"AU{a}_pred"] = "" if result is None else int(bool(result.present[a]))
+        level = None if result is None else result.intensity.get(a)
+        row[f"AU{a}_intensity"] = "" if level is None else level
+    return row
 
 
 def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None, progress: bool = False) -> dict:

@@ -178,11 +178,18 @@ def test_evaluate_counts_missing_images_and_keeps_the_others(battery, analyzer, 
     folder, _ = battery
     rows = [{"path": str(folder / name), "subject": "S1", "aus": "6;12", "kind": "peak"}
             for name in ("plain.jpg", "missing.jpg", "notes.jpg", "cmyk.jpg")]
-    report = evaluate(analyzer, write_manifest(tmp_path / "m.csv", rows), formats=("list",), progress=False)
+    predictions = []
+    report = evaluate(analyzer, write_manifest(tmp_path / "m.csv", rows), formats=("list",), progress=False,
+                      predictions=predictions)
     assert report["images"] == 4 and report["faces_detected"] == 2
     reasons = {Path(item["path"]).name: item["reason"] for item in report["undetected"]}
     assert "does not exist" in reasons["missing.jpg"] and "not an image" in reasons["notes.jpg"]
     assert report["formats"]["list"]["parse_failures"] == 0
+    # every image keeps its prediction row; the unreadable ones say why and predict nothing
+    by_name = {Path(row["path"]).name: row for row in predictions}
+    assert sorted(by_name) == ["cmyk.jpg", "missing.jpg", "notes.jpg", "plain.jpg"]
+    assert by_name["missing.jpg"]["error"] == reasons["missing.jpg"] and by_name["missing.jpg"]["AU12_pred"] == ""
+    assert by_name["plain.jpg"]["text"] and by_name["plain.jpg"]["AU12_pred"] in (0, 1)
 
 
 # ----- checkpoints -----------------------------------------------------------------------------------------

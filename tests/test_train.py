@@ -1,4 +1,5 @@
 """A tiny-config training run lowers the loss, resumes, and its checkpoint evaluates and analyses."""
+import csv
 import json
 
 import numpy as np
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from aullava.data.faces import face_batch
+from aullava.data.manifest import read_manifests
+from aullava.formats import get_format
 from aullava.train import Trainer, TrainConfig
 
 TINY_MODEL = {"aus": (1, 2, 4, 6, 7, 12, 25),
@@ -78,11 +81,25 @@ def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
     from aullava.cli import main
 
     _, path = trained
-    out = tmp_path / "metrics.json"
+    out, predictions = tmp_path / "metrics.json", tmp_path / "predictions.csv"
     assert main(["evaluate", "--manifest", str(tiny_manifest), "--checkpoint", str(path),
-                 "--formats", "list", "binary", "json", "--out", str(out)]) == 0
+                 "--formats", "list", "binary", "json", "--out", str(out), "--predictions", str(predictions)]) == 0
     report = json.loads(out.read_text())
     assert report["images"] == 6 and report["detection_rate"] == 1.0
+    # one row per image and format: the written text, the presence parsed from it, the labels beside it
+    rows = list(csv.DictReader(predictions.open()))
+    assert len(rows) == 6 * 3 and {r["format"] for r in rows} == {"list", "binary", "json"}
+    labels = {str(s.path): s for s in read_manifests(tiny_manifest)}
+    for row in rows:
+        sample = labels[row["path"]]
+        parsed = get_format(row["format"]).parse(row["text"], TINY_MODEL["aus"])
+        for a in TINY_MODEL["aus"]:
+            assert row[f"AU{a}_pred"] == str(int(parsed.present[a]))
+            assert row[f"AU{a}_true"] == (str(int(a in sample.aus)) if sample.is_known(a) else "")
+    for name, metrics in report["formats"].items():  # the rows hold what the metrics count
+        for a in TINY_MODEL["aus"]:
+            tp = sum(r[f"AU{a}_pred"] == r[f"AU{a}_true"] == "1" for r in rows if r["format"] == name)
+            assert tp == metrics["per_au"][f"AU{a}"]["tp"]
     for name in ("list", "binary", "json"):
         metrics = report["formats"][name]
         assert set(metrics["per_au"]) == {f"AU{a}" for a in TINY_MODEL["aus"]}
