@@ -275,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--subjects", help="only these subjects, comma-separated")
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--predictions", help="also write a CSV row per image and format: the model's text, the "
-                          "presence it implies per AU (AUn_pred) and the label (AUn_true)")
+                          "presence (AUn_pred) and intensity (AUn_intensity) it implies per AU, and the label (AUn_true)")
     evaluate.add_argument("--no-speculate", action="store_true",
                           help="write every answer one decision per LLM pass, without verifying the encoder "
                                "head's draft (slower; the same answers up to float rounding)")
