@@ -183,7 +183,7 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None, p
         with torch.no_grad(), analyzer.lock:
             tokens, logits = model.on_model_thread(model.encoder, chip, landmarks)
         encoded.append((chip, landmarks, tokens, logits))
-        read = analyzer.read_presence(batch)
+        read = analyzer.read_presence(batch, encoded=(tokens, logits))
         for offset, row in enumerate(rows[start:start + batch_size]):
             head[row] = (logits[offset] > 0).numpy()
             readout[row] = [read[offset][0][a] >= 0.5 for a in aus]
