@@ -93,7 +93,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     if subjects:
         samples = [s for s in samples if s.subject in set(subjects)]
     aus = analyzer.aus
-    detected, faces, detect_seconds, failures, undetected = [], [], 0.0, [], []
+    detected, faces, detect_seconds, undetected = [], [], 0.0, []  # undetected: (sample, reason)
     for sample in tqdm(samples, desc="detect", disable=not progress, unit="img"):
         started = time.perf_counter()
         try:
@@ -101,15 +101,15 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
             detected.append(sample)
             faces.append(found[0])
         except FaceError as error:
-            failures.append({"path": str(sample.path), "reason": str(error)})
-            undetected.append(sample)
+            undetected.append((sample, str(error)))
         detect_seconds += time.perf_counter() - started
     # Undetected images count as "no AU" predictions in the metrics: the tool gave no answer for them.
     truth = np.array([[a in s.aus for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
     known = np.array([[s.is_known(a) for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
     index_of = {id(s): i for i, s in enumerate(samples)}
     report = {"images": len(samples), "faces_detected": len(detected),
-              "detection_rate": round(len(detected) / len(samples), 4), "undetected": failures[:50],
+              "detection_rate": round(len(detected) / len(samples), 4),
+              "undetected": [{"path": str(s.path), "reason": reason} for s, reason in undetected[:50]],
               "aus": list(aus), "formats": {}}
     presence_by_format = {}
     for format_name in formats:
@@ -138,8 +138,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
                         levels_pred.append(value or 0.0)
                         level_aus.append(a)
         if predictions is not None:
-            predictions += [prediction_row(sample, format_name, aus, "", failure["reason"], None)
-                            for sample, failure in zip(undetected, failures)]
+            predictions += [prediction_row(sample, format_name, aus, "", reason, None) for sample, reason in undetected]
         metrics = presence_metrics(truth, predicted, aus, known)
         metrics.update({"parse_failures": len(parse_failures), "parse_failure_examples": parse_failures[:5],
                         "seconds_per_image": round((detect_seconds + gen_seconds) / max(1, len(samples)), 4),
