@@ -391,12 +391,14 @@ class AULlava(nn.Module):
         columns = torch.tensor(positions)
 
         def passes_until_fixed_point():
+            # the faces are encoded once: every pass reads the same AU tokens
+            given = encoded if encoded is not None else self.encoder(chip.float(), landmarks.float())
             fed = torch.zeros(batch, len(positions), dtype=torch.bool)
             for _ in range(max(1, passes)):
                 answer = template.clone()
                 answer[:, columns] = torch.where(fed, one_token, zero_token)
                 hidden, start, _ = self._answer_hidden(chip.float(), landmarks.float(), "binary", answer.tolist(),
-                                                       reuse_prefix=True, encoded=encoded)
+                                                       reuse_prefix=True, encoded=given)
                 option_logits = self.token_logits(hidden[:, start + columns], alternatives)
                 p_one = (option_logits.softmax(-1) * is_one).sum(-1)
                 chosen = option_logits.argmax(-1) == is_one.int().argmax(-1)  # the decoder's pick is "1"
