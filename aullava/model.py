@@ -5,14 +5,16 @@ assistant's answer. The image sits at the END of the user turn, so everything be
 per format whose key/value cache is computed once and reused for every image (`_prefix_cache`).
 
 Answers are decoded along the format's plan (formats.py): text the format fixes is fed as-is, and at each
-choice the LLM picks among the allowed options by its own next-token logits. The model therefore always
-writes a parseable answer of bounded length, and every decision in it is the LLM's.
+choice the LLM picks the allowed option it gives the highest probability (the product of the option's tokens'
+probabilities, each among the option trie's branches there: the quantity training raises). The model therefore
+always writes a parseable answer of bounded length, and every decision in it is the LLM's.
 """
 from __future__ import annotations
 
 import contextlib
-
+import functools
 import json
+import math
 import os
 import threading
 from dataclasses import asdict, dataclass, field
@@ -99,7 +101,7 @@ class Generation:
 
 
 class _OptionTrie:
-    """Token trie over a choice's options so the LLM picks among them token by token."""
+    """Token trie over a choice's options: where they share tokens and where they branch."""
 
     def __init__(self, encoded: dict):
         self.root: dict = {}
@@ -108,6 +110,26 @@ class _OptionTrie:
             for token in ids:
                 node = node.setdefault(token, {})
             node[None] = option  # leaf marker
+
+
+def _leaves(node: dict, path: tuple = ()):
+    """(option, token path from `node`) for every option below a trie node."""
+    for token, child in node.items():
+        if token is None:
+            yield child, path
+        else:
+            yield from _leaves(child, path + (token,))
+
+
+def _descend(node: dict, path) -> dict:
+    for token in path:
+        node = node[token]
+    return node
+
+
+def _branches(node: dict, path) -> int:
+    """How many tokens can follow `path` below `node`."""
+    return sum(t is not None for t in _descend(node, path))
 
 
 class AULlava(nn.Module):
@@ -530,7 +552,8 @@ class AULlava(nn.Module):
             # hidden[b, i]: the output before feeds[b][i] (and after the last one at i = len(feeds[b]))
             last_hidden = []
             for b, row in enumerate(rows):
-                kept = row.verify(self, feeds[b], hidden[b]) if not row.finished else 0
+                look = functools.partial(self._look_ahead, cache, mask, b, fed_from, int(next_position[b]))
+                kept = row.verify(self, feeds[b], hidden[b], look) if not row.finished else 0
                 last_hidden.append(hidden[b, kept])
                 mask[b, fed_from + kept:] = 0  # tokens past the LLM's first other decision, and padding
                 next_position[b] += kept
@@ -545,6 +568,23 @@ class AULlava(nn.Module):
             hidden = torch.cat([torch.stack(last_hidden).unsqueeze(1),
                                 self._decode(embed(ids), mask, positions, cache)], dim=1)
         return [Generation("".join(row.pieces), row.decisions) for row in rows]
+
+    def _look_ahead(self, cache, mask, row: int, fed_from: int, position: int, kept: int, paths: list) -> list:
+        """The LLM's output after each token path, fed after the first `kept` tokens of this pass of one row,
+        in a side pass that leaves the decoding cache as it was (the cache grows by concatenation, so the
+        sliced views stay untouched)."""
+        context = fed_from + kept
+        k = len(paths)
+        ids = _padded([list(p) for p in paths], self.eos_id).to(self.device)
+        filled = torch.arange(ids.shape[1]) < torch.tensor([len(p) for p in paths]).unsqueeze(1)
+        side_mask = torch.cat([mask[row:row + 1, :context].expand(k, -1), filled.long().to(self.device)], dim=1)
+        positions = (position + kept + torch.arange(ids.shape[1], device=self.device)).unsqueeze(0).expand(k, -1)
+        side_cache = DynamicCache(ddp_cache_data=[
+            (layer.keys[row:row + 1, :, :context].expand(k, -1, -1, -1),
+             layer.values[row:row + 1, :, :context].expand(k, -1, -1, -1)) for layer in cache.layers])
+        embeds = self._causal_lm().get_input_embeddings()(ids)
+        hidden = self._decode(embeds, side_mask, positions, side_cache)
+        return [hidden[r, len(p) - 1] for r, p in enumerate(paths)]
 
 
 def _padded(sequences: list[list[int]], pad: int) -> torch.Tensor:
@@ -601,11 +641,12 @@ class _PlanState:
         self.path_probability = 1.0
         self._follow(model)
 
-    def verify(self, model: AULlava, fed: list[int], hidden: torch.Tensor) -> int:
+    def verify(self, model: AULlava, fed: list[int], hidden: torch.Tensor, look_ahead) -> int:
         """Follow the plan along tokens fed in one pass (`hidden[i]`: the LLM's output before `fed[i]`, and
         after the last one at i = len(fed)), deciding at every choice as `decide` does, while the tokens the
         plan queues are the ones fed. Returns how many fed tokens are kept; the plan's next tokens (from the
-        first decision that differs from what was fed) stay pending."""
+        first decision that differs from what was fed) stay pending. `look_ahead(kept, paths)`: the LLM's
+        outputs after token paths that follow the first `kept` fed tokens (`AULlava._look_ahead`)."""
         kept = 0
         while True:
             while self.pending and kept < len(fed) and self.pending[0] == fed[kept]:
@@ -613,7 +654,7 @@ class _PlanState:
                 kept += 1
             if self.pending or self.finished:
                 return kept
-            self.decide(model, hidden[kept])
+            self.decide(model, hidden[kept:], fed[kept:], functools.partial(look_ahead, kept))
 
     def keep(self, fed: list[int], kept: int):
         """The first `kept` tokens fed in this pass stay in the cache: they are the answer so far."""
@@ -628,14 +669,46 @@ class _PlanState:
         self.pending_fed = len(self.pending)
         return self.pending + drafted
 
-    def decide(self, model: AULlava, hidden: torch.Tensor):
-        """Pick the next token among the options' continuations by the LLM's own logits."""
-        tokens = [t for t in self.node if t is not None]
-        probabilities = torch.softmax(model.token_logits(hidden, tokens), dim=0)
-        best = int(probabilities.argmax())
-        self.path_probability *= float(probabilities[best])
-        self.pending.append(tokens[best])
-        self.node = self.node[tokens[best]]
+    def decide(self, model: AULlava, hidden: torch.Tensor, fed: list[int], look_ahead):
+        """Pick the option with the highest probability: the product, along its token path, of the LLM's
+        probability of each token among the trie's branches there. Choosing token by token instead lets a
+        prefix win on the summed mass of many weak options (after "AU0" it must write some AU0x code).
+
+        `hidden[j]` is the LLM's output after the first j tokens of `fed` (the draft, when speculating), so the
+        branch points along the drafted path come free. Where a branch point off that path is needed, the
+        options' probabilities so far bound it from above; only when a bound could beat the best known option
+        are the missing branch points read in one side pass (`look_ahead(paths)`)."""
+        leaves = list(_leaves(self.node))
+        known = {path: hidden[len(path)] for path in {tuple(fed[:j]) for j in range(len(hidden))}}
+        log_probs: dict[tuple, torch.Tensor] = {}
+
+        def score(path):
+            """Log probability of the option at `path`, and whether it is exact (else an upper bound)."""
+            total, node = 0.0, self.node
+            for j, token in enumerate(path):
+                branches = [t for t in node if t is not None]
+                if len(branches) > 1:
+                    at = path[:j]
+                    if at not in log_probs:
+                        if at not in known:
+                            return total, False
+                        log_probs[at] = torch.log_softmax(model.token_logits(known[at], branches), dim=0)
+                    total += float(log_probs[at][branches.index(token)])
+                node = node[token]
+            return total, True
+
+        scores = [score(path) for _, path in leaves]
+        exact = [s for s, is_exact in scores if is_exact]
+        if not exact or max(exact) < max((s for s, is_exact in scores if not is_exact), default=-math.inf):
+            missing = sorted({path[:j] for _, path in leaves for j in range(1, len(path))
+                              if path[:j] not in known and _branches(self.node, path[:j]) > 1})
+            known.update(zip(missing, look_ahead(missing)))
+            scores = [score(path) for _, path in leaves]
+        best = max(range(len(leaves)), key=lambda i: scores[i][0] if scores[i][1] else float("-inf"))
+        option, path = leaves[best]
+        self.path_probability = math.exp(scores[best][0])
+        self.pending += list(path)
+        self.node = _descend(self.node, path)
         self._follow(model)
 
     def _follow(self, model):
