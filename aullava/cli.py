@@ -163,7 +163,7 @@ def _train_config(args, **extra):
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
              "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
-             "boundary_mix": args.boundary_mix, "chimera": args.chimera}
+             "boundary_mix": args.boundary_mix, "boundary_gap": args.boundary_gap, "chimera": args.chimera}
     return train_config(args.config, **flags, **extra)
 
 
@@ -203,6 +203,8 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--grad-accum", type=int, help="micro-batches per process and step (default 1)")
     parser.add_argument("--boundary-mix", type=float, help="share of the LLM stages' AU decisions taught on AU "
                         "tokens moved toward the encoder head's decision boundary (default 0.25; 0 turns it off)")
+    parser.add_argument("--boundary-gap", type=float, help="how near the boundary those tokens go: their head "
+                        "logits are drawn from [gap, 4] on their own side (default 1.0)")
     parser.add_argument("--chimera", type=float, help="share of the LLM stages' faces made of AU tokens each taken "
                         "from another training face, so that no AU can be read from the others (default 0.25)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],

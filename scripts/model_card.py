@@ -159,7 +159,8 @@ else:
               f"  --encoder-steps {train_config.get('encoder_steps')} --projector-steps "
               f"{train_config.get('projector_steps')} --lora-steps {train_config.get('lora_steps')} --batch-size "
               f"{train_config.get('batch_size')}"
-              + (f" --boundary-mix {train_config['boundary_mix']:g}" if train_config.get("boundary_mix") else "")
+              + (f" --boundary-mix {train_config['boundary_mix']:g} --boundary-gap "
+                 f"{train_config.get('boundary_gap', 1.0):g}" if train_config.get("boundary_mix") else "")
               + (f" --chimera {train_config['chimera']:g}" if train_config.get("chimera") else "")
               + f" --hold-out {','.join(held_out)}",
               "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint "

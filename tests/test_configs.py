@@ -45,7 +45,10 @@ def test_training_flags_override_the_config_file_and_unset_flags_keep_it(tmp_pat
     from aullava.cli import _train_config, build_parser
 
     path = tmp_path / "run.json"
-    path.write_text(json.dumps({"manifest": "m.csv", "out": "o", "boundary_mix": 0.1, "chimera": 0.2}))
-    args = build_parser().parse_args(["train", "--config", str(path), "--chimera", "0.5", "--lora-steps", "7"])
+    path.write_text(json.dumps({"manifest": "m.csv", "out": "o", "boundary_mix": 0.1, "boundary_gap": 0.5,
+                                "chimera": 0.2}))
+    args = build_parser().parse_args(["train", "--config", str(path), "--chimera", "0.5", "--lora-steps", "7",
+                                      "--boundary-gap", "0.25"])
     config = _train_config(args)
-    assert (config.chimera, config.lora_steps, config.boundary_mix, config.manifest) == (0.5, 7, 0.1, "m.csv")
+    assert (config.chimera, config.lora_steps, config.boundary_mix, config.boundary_gap, config.manifest) == \
+        (0.5, 7, 0.1, 0.25, "m.csv")
