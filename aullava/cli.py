@@ -204,7 +204,7 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--boundary-mix", type=float, help="share of the LLM stages' AU decisions taught on AU "
                         "tokens moved toward the encoder head's decision boundary (default 0.25; 0 turns it off)")
     parser.add_argument("--boundary-gap", type=float, help="how near the boundary those tokens go: their head "
-                        "logits are drawn from [gap, 4] on their own side (default 1.0)")
+                        "logits are drawn from [gap, 4] on their own side (default 0.25)")
     parser.add_argument("--chimera", type=float, help="share of the LLM stages' faces made of AU tokens each taken "
                         "from another training face, so that no AU can be read from the others (default 0.25)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
