@@ -621,7 +621,6 @@ class _PlanState:
         self.decisions: list[Decision] = []
         self.options = None
         self.node = None
-        self.path_probability = 1.0
         self.finished = False
 
     def advance(self, model: AULlava, sent):
@@ -638,7 +637,6 @@ class _PlanState:
             return
         self.options = item.options
         self.node = model._option_trie(item.options).root
-        self.path_probability = 1.0
         self._follow(model)
 
     def verify(self, model: AULlava, fed: list[int], hidden: torch.Tensor, look_ahead) -> int:
@@ -706,22 +704,19 @@ class _PlanState:
             scores = [score(path) for _, path in leaves]
         best = max(range(len(leaves)), key=lambda i: scores[i][0] if scores[i][1] else float("-inf"))
         option, path = leaves[best]
-        self.path_probability = math.exp(scores[best][0])
         self.pending += list(path)
-        self.node = _descend(self.node, path)
-        self._follow(model)
+        self._complete(model, option, math.exp(scores[best][0]))
 
     def _follow(self, model):
-        """Walk down while there is nothing to choose; complete the option at a leaf."""
+        """Walk down to the first branch point: the tokens every option shares there are forced. (A choice has
+        at least two options, none a prefix of another, so the walk never ends at an option.)"""
         while len(self.node) == 1:
             (token, child), = self.node.items()
-            if token is None:
-                return self._complete(model, child)
             self.pending.append(token)
             self.node = child
 
-    def _complete(self, model, option):
-        self.decisions.append(Decision(tuple(self.options), option, self.path_probability))
+    def _complete(self, model, option, probability: float):
+        self.decisions.append(Decision(tuple(self.options), option, probability))
         if option is fmt_lib.END:
             self.pending = []  # the end token need not be fed
             self.finished = True

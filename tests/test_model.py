@@ -165,7 +165,6 @@ def test_a_choice_takes_the_likeliest_option_not_the_likeliest_first_token():
     assert decision.chosen == "A04" and decision.probability == pytest.approx(0.45) and not asked
 
 
-
 def test_every_caller_thread_runs_the_llm_on_the_torch_thread(tiny_model, monkeypatch):
     import threading
 
