@@ -637,7 +637,7 @@ class _PlanState:
             return
         self.options = item.options
         self.node = model._option_trie(item.options).root
-        self._follow(model)
+        self._follow()
 
     def verify(self, model: AULlava, fed: list[int], hidden: torch.Tensor, look_ahead) -> int:
         """Follow the plan along tokens fed in one pass (`hidden[i]`: the LLM's output before `fed[i]`, and
@@ -702,12 +702,12 @@ class _PlanState:
                               if path[:j] not in known and _branches(self.node, path[:j]) > 1})
             known.update(zip(missing, look_ahead(missing)))
             scores = [score(path) for _, path in leaves]
-        best = max(range(len(leaves)), key=lambda i: scores[i][0] if scores[i][1] else float("-inf"))
+        best = max(range(len(leaves)), key=lambda i: scores[i][0] if scores[i][1] else -math.inf)
         option, path = leaves[best]
         self.pending += list(path)
         self._complete(model, option, math.exp(scores[best][0]))
 
-    def _follow(self, model):
+    def _follow(self):
         """Walk down to the first branch point: the tokens every option shares there are forced. (A choice has
         at least two options, none a prefix of another, so the walk never ends at an option.)"""
         while len(self.node) == 1:
