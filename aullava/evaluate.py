@@ -182,11 +182,12 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None, p
         with torch.no_grad(), analyzer.lock:
             tokens, logits = model.on_model_thread(model.encoder, chip, landmarks)
         encoded.append((chip, landmarks, tokens, logits))
-        read = analyzer.read_presence(batch, encoded=(tokens, logits))
-        for offset, row in enumerate(rows[start:start + batch_size]):
-            head[row] = (logits[offset] > 0).numpy()
-            readout[row] = [read[offset][0][a] >= 0.5 for a in aus]
-            converged += read[offset][1]
+        with analyzer.lock:
+            p_one, done = model.read_presence(chip, landmarks, encoded=(tokens, logits))
+        batch_rows = rows[start:start + batch_size]
+        head[batch_rows] = (logits > 0).numpy()
+        readout[batch_rows] = p_one.float().cpu().numpy() >= 0.5
+        converged += int(done.sum())
     out = {"encoder_head": presence_metrics(truth, head, aus, known),
            "readout": presence_metrics(truth, readout, aus, known),
            "readout_converged": round(converged / max(1, len(faces)), 4),

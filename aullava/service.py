@@ -96,13 +96,12 @@ class Analyzer:
                                       [round(d.probability, 4) for d in generation.decisions]))
         return results
 
-    def read_presence(self, faces: list[Face], passes: int = 3, encoded=None) -> list[tuple[dict[int, float], bool]]:
+    def read_presence(self, faces: list[Face], passes: int = 3) -> list[tuple[dict[int, float], bool]]:
         """Per face, the probability the model gives each AU being present in its binary answer, read in a few
-        forward passes (AULlava.read_presence), and whether that read-out converged to the written answer.
-        `encoded`: the faces' (AU tokens, logits) where the caller has them already."""
+        forward passes (AULlava.read_presence), and whether that read-out converged to the written answer."""
         chip, landmarks = self._tensors(faces)
         with self.lock:
-            presence, converged = self.model.read_presence(chip, landmarks, passes, encoded=encoded)
+            presence, converged = self.model.read_presence(chip, landmarks, passes)
         return [({a: round(float(p), 4) for a, p in zip(self.aus, row)}, bool(done))
                 for row, done in zip(presence, converged)]
 
