@@ -579,9 +579,8 @@ class AULlava(nn.Module):
         filled = torch.arange(ids.shape[1]) < torch.tensor([len(p) for p in paths]).unsqueeze(1)
         side_mask = torch.cat([mask[row:row + 1, :context].expand(k, -1), filled.long().to(self.device)], dim=1)
         positions = (position + kept + torch.arange(ids.shape[1], device=self.device)).unsqueeze(0).expand(k, -1)
-        side_cache = DynamicCache(ddp_cache_data=[
-            (layer.keys[row:row + 1, :, :context].expand(k, -1, -1, -1),
-             layer.values[row:row + 1, :, :context].expand(k, -1, -1, -1)) for layer in cache.layers])
+        kv = [(layer.keys[row:row + 1, :, :context], layer.values[row:row + 1, :, :context]) for layer in cache.layers]
+        side_cache = self._expanded_cache(kv, k)
         embeds = self._causal_lm().get_input_embeddings()(ids)
         hidden = self._decode(embeds, side_mask, positions, side_cache)
         return [hidden[r, len(p) - 1] for r, p in enumerate(paths)]
