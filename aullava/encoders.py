@@ -188,38 +188,109 @@ class AUEncoder(nn.Module):
         return self.head.read(au_tokens)
 
 
-class EncoderEnsemble(nn.Module):
-    """`members` AU encoders of one config, each from its own initial weights and trained on its own loss.
+class LandmarkLogistic(nn.Module):
+    """One L2-penalised logistic regression per AU on the aligned landmarks, standardised: the classical
+    reference (scripts/classical_reference.py) as a part of the encoder. Fitted once in closed form (`fit`),
+    not by the encoder's optimiser; its parameters are buffers, saved with the encoder's weights."""
 
-    Their AU tokens are joined feature-wise (still one token per AU, `members x dim` wide, for the projector)
-    and their logits averaged. On ~70 training subjects one encoder's held-out F1 moves by ~0.03 from run to
-    run (the order of float sums is enough); averaging independently initialised members steadies it."""
+    def __init__(self, num_aus: int, l2: float = 10.0):
+        super().__init__()
+        self.l2 = float(l2)
+        self.register_buffer("mean", torch.zeros(136))
+        self.register_buffer("scale", torch.ones(136))
+        self.register_buffer("weight", torch.zeros(num_aus, 136))
+        self.register_buffer("bias", torch.zeros(num_aus))
+
+    def forward(self, landmarks: torch.Tensor) -> torch.Tensor:
+        """landmarks [B,68,2] (the encoder's, [-1,1] chip coordinates) -> per-AU logits [B,K]."""
+        features = (landmarks.flatten(1).to(self.mean.dtype) - self.mean) / self.scale
+        return features @ self.weight.T + self.bias
+
+    @torch.no_grad()
+    def fit(self, landmarks: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, iterations: int = 50):
+        """Newton's method per AU on the faces whose label is known (the bias is not penalised)."""
+        device = self.mean.device
+        x = landmarks.flatten(1).to(device, torch.float64)
+        labels, known = labels.to(device, torch.float64), known.to(device)
+        mean, scale = x.mean(0), x.std(0) + 1e-6
+        self.mean.copy_(mean)
+        self.scale.copy_(scale)
+        design = torch.cat([(x - mean) / scale, torch.ones(len(x), 1, dtype=x.dtype, device=device)], 1)
+        penalty = torch.full((design.shape[1],), self.l2, dtype=x.dtype, device=device)
+        penalty[-1] = 0.0
+        for k in range(labels.shape[1]):
+            rows = known[:, k] > 0
+            a, y = design[rows], labels[rows, k]
+            w = torch.zeros(design.shape[1], dtype=x.dtype, device=device)
+            if len(y) and y.min() == y.max():  # one class only: a constant, firm answer
+                w[-1] = 8.0 if y[0] > 0 else -8.0
+                iterations_left = 0
+            else:
+                iterations_left = iterations if len(y) else 0
+            for _ in range(iterations_left):
+                p = torch.sigmoid(a @ w)
+                hessian = (a * (p * (1 - p))[:, None]).T @ a + torch.diag(penalty)
+                step = torch.linalg.solve(hessian, a.T @ (p - y) + penalty * w)
+                w -= step
+                if step.abs().max() < 1e-8:
+                    break
+            self.weight[k] = w[:-1].to(self.weight.dtype)
+            self.bias[k] = w[-1].to(self.bias.dtype)
+
+
+class EncoderEnsemble(nn.Module):
+    """`members` AU encoders of one config, each from its own initial weights and trained on its own loss,
+    and optionally a `LandmarkLogistic` beside them (config `landmark_logistic`: its weight in the logit).
+
+    Their AU tokens are joined feature-wise (still one token per AU, `members x dim` wide, plus the landmark
+    regression's logit as one more feature) and the logit is the members' average plus the weighted
+    regression's. On ~70 training subjects one encoder's held-out F1 moves by ~0.03 from run to run (the order
+    of float sums is enough); averaging independently initialised members steadies it."""
 
     def __init__(self, config: dict, num_aus: int):
         super().__init__()
         self.config = dict(config)
-        self.members = nn.ModuleList(AUEncoder(config, num_aus) for _ in range(int(config["members"])))
-        self.hidden_size = sum(member.hidden_size for member in self.members)
+        self.members = nn.ModuleList(AUEncoder(config, num_aus) for _ in range(int(config.get("members", 1))))
+        self.geometry_weight = float(config.get("landmark_logistic", 0.0))
+        self.landmark_logistic = (LandmarkLogistic(num_aus, config.get("landmark_l2", 10.0))
+                                  if self.geometry_weight > 0 else None)
+        self.hidden_size = sum(member.hidden_size for member in self.members) + (self.landmark_logistic is not None)
 
     def forward(self, chip: torch.Tensor, landmarks: torch.Tensor, per_member: bool = False):
-        """-> (au_tokens [B,K,members*dim], logits [B,K] averaged, or [members,B,K] with `per_member`)."""
+        """-> (au_tokens [B,K,hidden_size], logits [B,K]); with `per_member` the members' own logits
+        [members,B,K] instead (what their training losses score; the landmark regression is fitted apart)."""
         outputs = [member(chip, landmarks) for member in self.members]
         tokens = torch.cat([member_tokens for member_tokens, _ in outputs], dim=-1)
         logits = torch.stack([member_logits for _, member_logits in outputs])
-        return tokens, (logits if per_member else logits.mean(0))
+        if per_member:
+            return tokens if self.landmark_logistic is None else self._with_geometry(tokens, landmarks), logits
+        if self.landmark_logistic is None:
+            return tokens, logits.mean(0)
+        tokens = self._with_geometry(tokens, landmarks)
+        return tokens, self.read_logits(tokens)
+
+    def _with_geometry(self, tokens: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+        geometry = self.landmark_logistic(landmarks).to(tokens.dtype)
+        return torch.cat([tokens, geometry.unsqueeze(-1)], dim=-1)
 
     def read_logits(self, au_tokens: torch.Tensor) -> torch.Tensor:
-        """The averaged logits of joined AU tokens [B,K,members*dim]: linear in each token, like a member's."""
-        parts = torch.split(au_tokens, [member.hidden_size for member in self.members], dim=-1)
-        return torch.stack([member.read_logits(part) for member, part in zip(self.members, parts)]).mean(0)
+        """The logits of joined AU tokens [B,K,hidden_size]: linear in each token, like a member's."""
+        sizes = [member.hidden_size for member in self.members]
+        parts = torch.split(au_tokens[..., :sum(sizes)], sizes, dim=-1)
+        logits = torch.stack([member.read_logits(part) for member, part in zip(self.members, parts)]).mean(0)
+        if self.landmark_logistic is not None:
+            logits = logits + self.geometry_weight * au_tokens[..., -1]
+        return logits
 
 
 def build_encoder(config: dict, num_aus: int) -> nn.Module:
-    """One `AUEncoder`, or an `EncoderEnsemble` where the config asks for `members` > 1."""
+    """One `AUEncoder`, or an `EncoderEnsemble` where the config asks for `members` > 1 or a landmark regression."""
     members = int(config.get("members", 1))
     if members < 1:
         raise ValueError(f"encoder members must be at least 1, not {members}")
-    return EncoderEnsemble(config, num_aus) if members > 1 else AUEncoder(config, num_aus)
+    if members > 1 or config.get("landmark_logistic", 0) > 0:
+        return EncoderEnsemble(config, num_aus)
+    return AUEncoder(config, num_aus)
 
 
 def face_tensors(chip: np.ndarray, chip_landmarks: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

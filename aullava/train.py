@@ -455,10 +455,19 @@ class Trainer:
                 b.copy_(mean.view_as(b))
 
     # ----- stages ------------------------------------------------------------------------------------
+    def fit_landmark_logistic(self):
+        """Fit the encoder's landmark regression (where its config has one) on the training faces, unaugmented."""
+        regression = getattr(self.model.encoder, "landmark_logistic", None)
+        if regression is None:
+            return
+        _, landmarks = face_batch(self.table, range(len(self.table)), self.model.config.chip_size)
+        regression.fit(landmarks, self.labels, self.known)
+
     def _stage_setup(self, stage):
         c = self.config
         model = self.model
         if stage == "encoder":
+            self.fit_landmark_logistic()
             params = [{"params": list(model.encoder.parameters()), "lr": c.encoder_lr}]
             return params, c.encoder_steps, c.encoder_batch, self._encoder_step
         if stage == "lora":

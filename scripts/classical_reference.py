@@ -1,5 +1,6 @@
 """The classical reference the model must beat, on the same subject folds: dlib's 68 landmarks,
-similarity-aligned to the canonical face (the encoder's alignment), one L2 logistic regression per AU.
+similarity-aligned to the canonical face (the encoder's alignment), one L2 logistic regression per AU (the
+encoder's `LandmarkLogistic`, which the shipped encoder also holds beside its CNNs).
 
 It scores the held-out faces of each fold exactly as `evaluate` and `encoder_cv.py` do (peak + neutral frames,
 macro F1 over AUs with >= 10 positives), so its figures sit beside theirs: fold 0 is the model card's split.
@@ -12,56 +13,30 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from aullava.data.faces import prepare_faces  # noqa: E402
+from aullava.data.faces import face_batch, prepare_faces  # noqa: E402
 from aullava.data.manifest import read_manifest, subject_folds  # noqa: E402
+from aullava.encoders import LandmarkLogistic  # noqa: E402
 from aullava.evaluate import EVAL_KINDS, presence_metrics  # noqa: E402
-from aullava.face import align_face  # noqa: E402
 from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import TrainConfig  # noqa: E402
 
 
-def aligned_landmarks(table, size: int = 64) -> np.ndarray:
-    """[N, 136]: each face's landmarks on the canonical chip, flattened."""
-    return np.stack([align_face(image, points, size=size)[1].ravel() for image, points in
-                     zip(table.images, table.landmarks)]).astype(np.float64)
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> np.ndarray:
-    """Weights (bias last) of an L2-penalised logistic regression (bias unpenalised), by Newton's method."""
-    design = np.hstack([x, np.ones((len(x), 1))])
-    weights = np.zeros(design.shape[1])
-    penalty = np.full(design.shape[1], l2)
-    penalty[-1] = 0.0
-    for _ in range(iterations):
-        p = 1.0 / (1.0 + np.exp(-design @ weights))
-        gradient = design.T @ (p - y) + penalty * weights
-        hessian = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty) + 1e-9 * np.eye(len(weights))
-        step = np.linalg.solve(hessian, gradient)
-        weights -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return weights
-
-
 def run_fold(train_table, test_table, aus, l2: float) -> tuple[np.ndarray, np.ndarray]:
-    """Truth and predicted presence [faces, AUs] of the test faces, one regression per AU fit on the train faces."""
-    x_train, x_test = aligned_landmarks(train_table), aligned_landmarks(test_table)
-    mean, scale = x_train.mean(0), x_train.std(0) + 1e-6
-    x_train, x_test = (x_train - mean) / scale, (x_test - mean) / scale
+    """Truth and predicted presence [faces, AUs] of the test faces, one regression per AU fit on the train faces
+    (the encoder's `LandmarkLogistic`, alone)."""
+    chip_size = AULlavaConfig().chip_size
+    _, train_landmarks = face_batch(train_table, range(len(train_table)), chip_size)
+    _, test_landmarks = face_batch(test_table, range(len(test_table)), chip_size)
+    labels = torch.tensor([[float(a in s.aus) for a in aus] for s in train_table.samples])
+    known = torch.tensor([[float(s.is_known(a)) for a in aus] for s in train_table.samples])
+    regression = LandmarkLogistic(len(aus), l2=l2)
+    regression.fit(train_landmarks, labels, known)
     truth = np.array([[a in s.aus for a in aus] for s in test_table.samples])
-    predicted = np.zeros_like(truth)
-    for k, au in enumerate(aus):
-        known = np.array([s.is_known(au) for s in train_table.samples])
-        y = np.array([au in s.aus for s in train_table.samples], dtype=np.float64)[known]
-        if y.min() == y.max():  # one class only in training: predict it
-            predicted[:, k] = bool(y[0]) if len(y) else False
-            continue
-        weights = fit_logistic(x_train[known], y, l2)
-        predicted[:, k] = x_test @ weights[:-1] + weights[-1] > 0
-    return truth, predicted
+    return truth, (regression(test_landmarks) > 0).numpy()
 
 
 def main():

@@ -24,12 +24,13 @@ from aullava.evaluate import EVAL_KINDS, MIN_POSITIVES, metrics_from_counts, pre
 from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
 
-RECIPE = ("steps", "seed", "members")  # what reports must share to be merged
+RECIPE = ("steps", "seed", "members", "landmark_logistic")  # what reports must share to be merged
 
 
-def run_fold(manifest, held_out, steps, seed, log, members: int) -> tuple[np.ndarray, np.ndarray, list, list]:
+def run_fold(manifest, held_out, steps, seed, log, members: int,
+             landmark_logistic: float = 0.0) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
-    encoder_config = {**AULlavaConfig().encoder, "members": members}
+    encoder_config = {**AULlavaConfig().encoder, "members": members, "landmark_logistic": landmark_logistic}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(manifest=manifest, out=out, held_out_subjects=tuple(sorted(held_out)),
                                       encoder_steps=steps, projector_steps=0, lora_steps=0, seed=seed,
@@ -40,9 +41,10 @@ def run_fold(manifest, held_out, steps, seed, log, members: int) -> tuple[np.nda
     table = prepare_faces(test, progress=False)
     with torch.no_grad():
         chip, landmarks = face_batch(table, range(len(table)), trainer.model.config.chip_size)
+        _, logits = encoder(chip, landmarks)
         _, per_member = encoder(chip, landmarks, per_member=True)
     truth = np.array([[a in s.aus for a in aus] for s in table.samples])
-    return truth, (per_member.mean(0) > 0).numpy(), aus, [(m > 0).numpy() for m in per_member]
+    return truth, (logits > 0).numpy(), aus, [(m > 0).numpy() for m in per_member]
 
 
 def summarize(folds: list[dict], recipe: dict) -> dict:
@@ -84,6 +86,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--members", type=int, default=AULlavaConfig().encoder.get("members", 1),
                         help="encoders averaged (an ensemble); default: the model's default")
+    parser.add_argument("--landmark-logistic", type=float,
+                        default=AULlavaConfig().encoder.get("landmark_logistic", 0.0),
+                        help="weight of the landmark regression's logit in the head (0: none); default: the model's")
     parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--merge", nargs="+", metavar="REPORT",
                         help="train nothing: join reports of runs of other folds (--only) into one")
@@ -108,14 +113,15 @@ def run(args) -> dict:
         if args.only and index not in args.only:
             continue
         truth, predicted, aus, members = run_fold(args.manifest, held_out, args.steps, args.seed, log=print,
-                                                  members=args.members)
+                                                  members=args.members, landmark_logistic=args.landmark_logistic)
         metrics = presence_metrics(truth, predicted, aus)
         member_f1 = [presence_metrics(truth, m, aus)["macro_f1"] for m in members]
         print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}"
               + (f" (members alone: {', '.join(map(str, member_f1))})" if len(members) > 1 else ""), flush=True)
         entries.append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics,
                         **({"members_macro_f1": member_f1} if len(members) > 1 else {})})
-    return summarize(entries, {"steps": args.steps, "seed": args.seed, "members": args.members})
+    return summarize(entries, {"steps": args.steps, "seed": args.seed, "members": args.members,
+                               "landmark_logistic": args.landmark_logistic})
 
 
 if __name__ == "__main__":

@@ -21,9 +21,15 @@ held_out = train_config.get("held_out_subjects", [])
 
 def _encoder_words(config: dict) -> str:
     members = int(config["encoder"].get("members", 1))
-    return ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
-            f"An ensemble of {members} landmark + local-appearance AU encoders, trained side by side from their "
-            "own initial weights (one token per AU: the members' tokens joined, their logits averaged)")
+    words = ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
+             f"An ensemble of {members} landmark + local-appearance AU encoders, trained side by side from their "
+             "own initial weights (one token per AU: the members' tokens joined, their logits averaged)")
+    weight = config["encoder"].get("landmark_logistic", 0)
+    if weight:
+        words += (f", beside a logistic regression per AU on the aligned landmarks (L2-penalised, fitted in closed "
+                  f"form on the training faces; its logit is one more feature of each AU token and is added to the "
+                  f"head's logit at weight {weight:g})")
+    return words
 
 
 lines = [
@@ -114,8 +120,13 @@ if cv:
               "| AU | mean F1 over folds | pooled F1 | positives |", "|---|---|---|---|"]
     for au, v in cv["per_au"].items():
         lines.append(f"| {au} | {v['mean_f1']} | {v['pooled_f1']} | {v['support']} |")
+    cv_weight = cv.get("landmark_logistic") or 0
+    if cv_weight != (config["encoder"].get("landmark_logistic") or 0):
+        lines += ["", f"This cross-validation's encoder {'has' if cv_weight else 'has no'} landmark regression, "
+                  f"unlike this checkpoint's: it describes the recipe of its time (see the status below)."]
     lines += ["", "Reproduce: `python scripts/encoder_cv.py --manifest ../shared/data/ckplus48/manifest.csv "
-              f"--folds {folds} --steps {cv['steps']} --members {cv.get('members', 1)} --out cv.json`", ""]
+              f"--folds {folds} --steps {cv['steps']} --members {cv.get('members', 1)} "
+              f"--landmark-logistic {cv_weight:g} --out cv.json`", ""]
 if crossval_dir:
     full = json.loads((crossval_dir / "crossval.json").read_text())
     budget = full["budget"]

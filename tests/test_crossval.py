@@ -80,20 +80,3 @@ def test_encoder_cv_reports_of_single_folds_merge_into_the_pooled_report(tmp_pat
     with pytest.raises(SystemExit, match="different recipes"):
         encoder_cv.merged(paths)
 
-
-def test_classical_reference_logistic_regression_reaches_its_optimum():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("classical_reference", REPO / "scripts" / "classical_reference.py")
-    reference = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reference)
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(400, 5))
-    y = (x @ np.array([2.0, -1.0, 0.0, 0.5, 0.0]) + 0.3 + rng.normal(0, 0.5, 400) > 0).astype(float)
-    weights = reference.fit_logistic(x, y, l2=1.0)
-    design = np.hstack([x, np.ones((400, 1))])
-    p = 1 / (1 + np.exp(-design @ weights))
-    penalty = np.array([1.0] * 5 + [0.0])  # the bias is not penalised
-    assert np.abs(design.T @ (p - y) + penalty * weights).max() < 1e-6  # the penalised loss's gradient vanishes
-    assert weights[0] > 1 and weights[1] < -0.5 and abs(weights[2]) < 0.1 * weights[0]  # x2 plays no part
-    assert ((design @ weights > 0) == (y > 0)).mean() > 0.85

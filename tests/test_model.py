@@ -332,6 +332,50 @@ def test_encoder_ensemble_joins_tokens_averages_logits_and_round_trips(tmp_path)
         build_encoder({**encoder, "members": 0}, len(AUS))
 
 
+def test_landmark_regression_adds_its_logit_as_one_token_feature_and_round_trips(tmp_path):
+    from aullava.encoders import EncoderEnsemble, build_encoder
+    from aullava.llm import tiny_llm
+
+    torch.manual_seed(2)
+    llm, tokenizer = tiny_llm(seed=0)
+    encoder = {"type": "landmark_patch", "dim": 16, "chip_size": 64, "channels": 8, "head_layers": 1, "members": 2,
+               "landmark_logistic": 0.5}
+    model = AULlava(AULlavaConfig(aus=AUS, encoder=encoder, lora=None), llm, tokenizer).eval()
+    regression = model.encoder.landmark_logistic
+    assert model.encoder.hidden_size == 2 * 16 + 1
+    # fit: labels from a linear rule of two landmark coordinates, one AU never present
+    _, landmarks = _faces(300, seed=3)
+    x = landmarks.flatten(1)
+    labels = torch.zeros(300, len(AUS))
+    labels[:, 0] = (x[:, 10] - x[:, 20] + 0.1 * torch.randn(300) > 0).float()
+    labels[:, 1] = (x[:, 5] > 0.2).float()
+    known = torch.ones_like(labels)
+    known[:50, 1] = 0  # unknown labels play no part in the fit
+    regression.fit(landmarks, labels, known)
+    z = (x.double() - regression.mean.double()) / regression.scale.double()
+    design = torch.cat([z, torch.ones(300, 1, dtype=z.dtype)], 1)
+    for k, rows in ((0, slice(None)), (1, slice(50, None))):
+        w = torch.cat([regression.weight[k], regression.bias[k:k + 1]]).double()
+        p = torch.sigmoid(design[rows] @ w)
+        gradient = design[rows].T @ (p - labels[rows, k].double()) + regression.l2 * torch.cat([w[:-1], w.new_zeros(1)])
+        assert gradient.abs().max() < 1e-3  # the penalised likelihood's optimum (float32 buffers)
+    assert ((regression(landmarks)[:, 0] > 0) == (labels[:, 0] > 0)).float().mean() > 0.9
+    assert (regression(landmarks)[:, 2] < 0).all()  # only absent in training: read absent
+    chip, faces = _faces(3, seed=4)
+    with torch.no_grad():
+        tokens, logits = model.encoder(chip, faces)
+        _, per_member = model.encoder(chip, faces, per_member=True)
+        geometry = regression(faces)
+    assert tokens.shape == (3, len(AUS), 33) and torch.allclose(tokens[..., -1], geometry)
+    assert torch.allclose(logits, per_member.mean(0) + 0.5 * geometry, atol=1e-5)
+    assert torch.allclose(model.encoder.read_logits(tokens), logits, atol=1e-5)  # linear in the token, mixes too
+    path = save_pretrained(model, tmp_path / "with_geometry")
+    loaded = from_pretrained(path, llm=tiny_llm(seed=0)[0], tokenizer=tokenizer)
+    assert torch.equal(loaded.encoder.landmark_logistic.weight, regression.weight)
+    assert [g.text for g in loaded.generate(chip, faces, "binary")] == [g.text for g in model.generate(chip, faces, "binary")]
+    assert isinstance(build_encoder({**encoder, "members": 1}, len(AUS)), EncoderEnsemble)  # one member + regression
+
+
 def test_evidence_puts_each_tokens_head_reading_beside_it_and_round_trips(tmp_path):
     from aullava.llm import tiny_llm
     from aullava.model import EVIDENCE_FEATURES

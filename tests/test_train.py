@@ -66,6 +66,22 @@ def test_each_ensemble_member_learns_from_its_own_loss(tiny_manifest, tmp_path):
     assert _mean(trainer.history, "encoder", "last") < _mean(trainer.history, "encoder", "first")
 
 
+def test_the_landmark_regression_is_fitted_on_the_training_faces_at_stage_0(tiny_manifest, tmp_path):
+    model = {**TINY_MODEL, "encoder": {**TINY_MODEL["encoder"], "landmark_logistic": 0.5}}
+    trainer = Trainer(_config(tiny_manifest, tmp_path, model=model, encoder_steps=2, projector_steps=0, lora_steps=0))
+    trainer.run()
+    regression = trainer.model.encoder.landmark_logistic
+    _, landmarks = face_batch(trainer.table, range(len(trainer.table)), trainer.model.config.chip_size)
+    read = regression(landmarks) > 0
+    for k, a in enumerate(trainer.aus):
+        labels = trainer.labels[:, k] > 0
+        if labels.all() or not labels.any():
+            assert (read[:, k] == labels).all()  # one class in training: that class
+        else:
+            assert regression.weight[k].abs().sum() > 0
+    assert torch.allclose(regression.mean, landmarks.flatten(1).mean(0), atol=1e-5)
+
+
 def test_training_resumes_where_it_stopped(tiny_manifest, tmp_path):
     first = Trainer(_config(tiny_manifest, tmp_path, lora_steps=0))
     first.run()
