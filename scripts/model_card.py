@@ -139,9 +139,11 @@ if crossval_dir:
               f"--manifest ../shared/data/ckplus48/manifest.csv --folds {full['folds']} --encoder-steps "
               f"{budget['encoder_steps']} --projector-steps {budget['projector_steps']} --lora-steps "
               f"{budget['lora_steps']} --formats {' '.join(full['formats'])} --out cv`", ""]
-    # reports written before the encoder was recorded come from this encoder's recipe with a single member
-    cv_encoder = full.get("encoder", {**config["encoder"], "members": 1})
-    if cv_encoder.get("members", 1) != config["encoder"].get("members", 1):
+    # reports written before the encoder was recorded come from this encoder's recipe of that time: a single
+    # member, no landmark regression
+    cv_encoder = full.get("encoder", {**config["encoder"], "members": 1, "landmark_logistic": 0})
+    if any(cv_encoder.get(key, default) != config["encoder"].get(key, default)
+           for key, default in (("members", 1), ("landmark_logistic", 0))):
         lines += [f"Its encoder, the recipe of its time, differs from this checkpoint's: "
                   f"{_encoder_words({'encoder': cv_encoder})}. To run it again, pass `--config` a JSON file holding "
                   f"`{json.dumps({'model': {'encoder': cv_encoder}})}`.", ""]

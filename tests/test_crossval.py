@@ -79,4 +79,3 @@ def test_encoder_cv_reports_of_single_folds_merge_into_the_pooled_report(tmp_pat
     paths[1].write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="different recipes"):
         encoder_cv.merged(paths)
-
