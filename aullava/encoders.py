@@ -224,16 +224,14 @@ class LandmarkLogistic(nn.Module):
             w = torch.zeros(design.shape[1], dtype=x.dtype, device=device)
             if len(y) and y.min() == y.max():  # one class only: a constant, firm answer
                 w[-1] = 8.0 if y[0] > 0 else -8.0
-                iterations_left = 0
-            else:
-                iterations_left = iterations if len(y) else 0
-            for _ in range(iterations_left):
-                p = torch.sigmoid(a @ w)
-                hessian = (a * (p * (1 - p))[:, None]).T @ a + torch.diag(penalty)
-                step = torch.linalg.solve(hessian, a.T @ (p - y) + penalty * w)
-                w -= step
-                if step.abs().max() < 1e-8:
-                    break
+            elif len(y):
+                for _ in range(iterations):
+                    p = torch.sigmoid(a @ w)
+                    hessian = (a * (p * (1 - p))[:, None]).T @ a + torch.diag(penalty)
+                    step = torch.linalg.solve(hessian, a.T @ (p - y) + penalty * w)
+                    w -= step
+                    if step.abs().max() < 1e-8:
+                        break
             self.weight[k] = w[:-1].to(self.weight.dtype)
             self.bias[k] = w[-1].to(self.bias.dtype)
 
