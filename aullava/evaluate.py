@@ -9,7 +9,7 @@ from itertools import combinations
 import numpy as np
 from tqdm import tqdm
 
-from .data.manifest import read_manifests
+from .data.manifest import presence_labels, read_manifests
 from .face import FaceError, load_image
 
 MIN_POSITIVES = 10  # AUs with fewer positives are listed but left out of macro F1
@@ -104,8 +104,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
             undetected.append((sample, str(error)))
         detect_seconds += time.perf_counter() - started
     # Undetected images count as "no AU" predictions in the metrics: the tool gave no answer for them.
-    truth = np.array([[a in s.aus for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
-    known = np.array([[s.is_known(a) for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
+    truth, known = presence_labels(samples, aus)
     index_of = {id(s): i for i, s in enumerate(samples)}
     report = {"images": len(samples), "faces_detected": len(detected),
               "detection_rate": round(len(detected) / len(samples), 4),

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import formats as fmt_lib
 from .data.faces import face_batch, prepare_faces
 from .distributed import use_cpu
-from .data.manifest import default_intensities, read_manifests
+from .data.manifest import default_intensities, presence_labels, read_manifests
 from .model import AULlava, AULlavaConfig, save_pretrained
 
 # How often each format is drawn for a training batch.
@@ -114,10 +114,6 @@ def _cosine(step: int, total: int) -> float:
     if step < warmup:
         return (step + 1) / warmup
     return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
-
-
-def _labels(table, aus) -> torch.Tensor:
-    return torch.tensor([[float(a in s.aus) for a in aus] for s in table.samples])
 
 
 def boundary_mix(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.Tensor,
@@ -224,8 +220,8 @@ class Trainer:
             raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
         self.model = self._build_model(model_config).to(self.device)
         self.aus = model_config.aus
-        self.labels = _labels(self.table, self.aus)
-        self.known = torch.tensor([[float(s.is_known(a)) for a in self.aus] for s in self.table.samples])
+        labels, known = presence_labels(self.table.samples, self.aus)
+        self.labels, self.known = torch.from_numpy(labels).float(), torch.from_numpy(known).float()
         # As the paper does for mixed datasets, each image is asked only about the AUs it has labels for (its
         # dataset's AU set minus unknown labels). A batch shares one prompt, so images are grouped by that set.
         groups: dict[tuple, list[int]] = {}

@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aullava.data.faces import face_batch, prepare_faces  # noqa: E402
-from aullava.data.manifest import read_manifest, subject_folds  # noqa: E402
+from aullava.data.manifest import presence_labels, read_manifest, subject_folds  # noqa: E402
 from aullava.encoders import LandmarkLogistic  # noqa: E402
 from aullava.evaluate import EVAL_KINDS, presence_metrics  # noqa: E402
 from aullava.model import AULlavaConfig  # noqa: E402
@@ -31,11 +31,10 @@ def run_fold(train_table, test_table, aus, l2: float) -> tuple[np.ndarray, np.nd
     chip_size = AULlavaConfig().chip_size
     _, train_landmarks = face_batch(train_table, range(len(train_table)), chip_size)
     _, test_landmarks = face_batch(test_table, range(len(test_table)), chip_size)
-    labels = torch.tensor([[float(a in s.aus) for a in aus] for s in train_table.samples])
-    known = torch.tensor([[float(s.is_known(a)) for a in aus] for s in train_table.samples])
+    labels, known = presence_labels(train_table.samples, aus)
     regression = LandmarkLogistic(len(aus), l2=l2)
-    regression.fit(train_landmarks, labels, known)
-    truth = np.array([[a in s.aus for a in aus] for s in test_table.samples])
+    regression.fit(train_landmarks, torch.from_numpy(labels).float(), torch.from_numpy(known).float())
+    truth, _ = presence_labels(test_table.samples, aus)
     return truth, (regression(test_landmarks) > 0).numpy()
 
 

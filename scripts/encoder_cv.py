@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aullava.data.faces import face_batch, prepare_faces  # noqa: E402
-from aullava.data.manifest import read_manifest, subject_folds  # noqa: E402
+from aullava.data.manifest import presence_labels, read_manifest, subject_folds  # noqa: E402
 from aullava.evaluate import EVAL_KINDS, MIN_POSITIVES, metrics_from_counts, presence_metrics  # noqa: E402
 from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
@@ -41,9 +41,9 @@ def run_fold(manifest, held_out, steps, seed, log, members: int,
     table = prepare_faces(test, progress=False)
     with torch.no_grad():
         chip, landmarks = face_batch(table, range(len(table)), trainer.model.config.chip_size)
-        _, logits = encoder(chip, landmarks)
-        _, per_member = encoder(chip, landmarks, per_member=True)
-    truth = np.array([[a in s.aus for a in aus] for s in table.samples])
+        tokens, per_member = encoder(chip, landmarks, per_member=True)
+        logits = encoder.read_logits(tokens)
+    truth, _ = presence_labels(table.samples, aus)
     return truth, (logits > 0).numpy(), aus, [(m > 0).numpy() for m in per_member]
 
 

@@ -14,6 +14,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from ..facs import UNCODED_INTENSITY
 
 REQUIRED_COLUMNS = ("path", "subject", "aus")
@@ -124,6 +126,14 @@ def write_manifest(samples, path, images_root=None) -> Path:
                              "unknown": ";".join(str(a) for a in sorted(s.unknown)),
                              "coded": ";".join(str(a) for a in sorted(s.coded or ()))})
     return path
+
+
+def presence_labels(samples, aus) -> tuple[np.ndarray, np.ndarray]:
+    """[N,K] bool arrays: whether each sample is labelled with each AU present, and whether that AU is labelled
+    for it at all (see `Sample.is_known`)."""
+    present = np.array([[a in s.aus for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
+    known = np.array([[s.is_known(a) for a in aus] for s in samples], dtype=bool).reshape(-1, len(aus))
+    return present, known
 
 
 def subject_folds(samples, folds: int, seed: int = 0) -> list[set[str]]:
