@@ -112,6 +112,13 @@ class TrainConfig:
         return self.encoder_lr_scale <= 0
 
 
+def _torch_seed(seed: int, stage_index: int, step: int) -> int:
+    # torch's draws (dropout) per step, like numpy's (batches, augmentation): a resumed run draws what the
+    # uninterrupted one would have, and a stage's draws do not depend on how many numbers building the model
+    # or the earlier stages took (a wider projector used to shift stage 0's dropout stream).
+    return int(np.random.SeedSequence([seed, stage_index, step, 1]).generate_state(1, np.uint64)[0])
+
+
 def _cosine(step: int, total: int) -> float:
     warmup = min(20, max(1, total // 10))
     if step < warmup:
@@ -502,13 +509,13 @@ class Trainer:
             for p in trainable:
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(params, weight_decay=0.01)
+            base_lrs = [g["lr"] for g in optimizer.param_groups]  # before a resumed state brings its scheduled lr
             first = 0
             if resume_state is not None and stage_index == start_stage:
                 self._load_state(state_dir, optimizer)
                 first = start_step
             self._sync_parameters(trainable)
             optimizer = self.accelerator.prepare(optimizer)
-            base_lrs = [g["lr"] for g in optimizer.param_groups]
             self.model.train()
             self.model.llm.eval()  # dropout off in the frozen LLM; LoRA dropout still applies in train mode
             if stage != "encoder" and self.config.encoder_frozen:
@@ -521,6 +528,7 @@ class Trainer:
             bar = tqdm(range(first, steps), desc=stage, unit="step", initial=first, total=steps, disable=not main)
             for step in bar:
                 rng = np.random.default_rng([self.config.seed, stage_index, step])
+                torch.manual_seed(_torch_seed(self.config.seed, stage_index, step))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * _cosine(step, steps)
                 optimizer.zero_grad(set_to_none=True)

@@ -93,6 +93,33 @@ def test_training_resumes_where_it_stopped(tiny_manifest, tmp_path):
     assert stages.count("encoder") == 30 and stages.count("projector") == 12 and stages.count("lora") == 6
 
 
+def test_a_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tiny_manifest, tmp_path, monkeypatch):
+    def encoder_weights(out, kill_at=None):
+        trainer = Trainer(_config(tiny_manifest, out, encoder_steps=20, projector_steps=0, lora_steps=0))
+        if kill_at is not None:
+            step, calls = trainer._encoder_step, []
+
+            def dies_at_kill(*args):
+                calls.append(1)
+                if len(calls) > kill_at:
+                    raise KeyboardInterrupt
+                return step(*args)
+
+            monkeypatch.setattr(trainer, "_encoder_step", dies_at_kill)
+            with pytest.raises(KeyboardInterrupt):
+                trainer.run()
+            trainer = Trainer(_config(tiny_manifest, out, encoder_steps=20, projector_steps=0, lora_steps=0))
+        trainer.run()
+        assert [h["step"] for h in trainer.history] == list(range(20))  # the resumed run redid steps 10-12 once
+        return trainer.model.encoder.state_dict()
+
+    whole = encoder_weights(tmp_path / "whole")
+    resumed = encoder_weights(tmp_path / "killed", kill_at=13)  # state saved after step 10
+    # the encoder trains with dropout: equal weights need the same random draws per step after the restart
+    for name, value in whole.items():
+        assert torch.equal(value, resumed[name]), name
+
+
 def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
     from aullava.cli import main
 
