@@ -188,7 +188,8 @@ def _crossval(args) -> int:
 
 
 def _add_training_options(parser, out_help: str):
-    # no argparse defaults: an unset flag leaves the --config file's value, else TrainConfig's default
+    # no argparse defaults: an unset flag leaves the --config file's value, else TrainConfig's default (the
+    # "(default X)" in the help texts; a test holds them to TrainConfig, read here it would import torch)
     parser.add_argument("--config", help="a JSON file of TrainConfig fields (e.g. configs/gpu-siglip-base.json); its "
                         "\"model\" holds the model's (aus, encoder, lora); flags given here override it")
     parser.add_argument("--manifest", nargs="+", help="one CSV, or one per dataset (each image is asked only the AUs "
@@ -196,9 +197,9 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--images-root")
     parser.add_argument("--out", help=out_help + " (required, here or in --config)")
     parser.add_argument("--kinds", help="manifest rows to train on (default peak,neutral,near_peak)")
-    parser.add_argument("--encoder-steps", type=int, help="default 1200")
-    parser.add_argument("--projector-steps", type=int, help="default 60")
-    parser.add_argument("--lora-steps", type=int, help="default 150")
+    parser.add_argument("--encoder-steps", type=int, help="default 1500")
+    parser.add_argument("--projector-steps", type=int, help="default 100")
+    parser.add_argument("--lora-steps", type=int, help="default 400")
     parser.add_argument("--batch-size", type=int, help="the global batch, whatever the process count (default 8)")
     parser.add_argument("--grad-accum", type=int, help="micro-batches per process and step (default 1)")
     parser.add_argument("--boundary-mix", type=float, help="share of the LLM stages' AU decisions taught on AU "
@@ -206,7 +207,7 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--boundary-gap", type=float, help="how near the boundary those tokens go: their head "
                         "logits are drawn from [gap, 4] on their own side (default 0.25)")
     parser.add_argument("--chimera", type=float, help="share of the LLM stages' faces made of AU tokens each taken "
-                        "from another training face, so that no AU can be read from the others (default 0.25)")
+                        "from another training face, so that no AU can be read from the others (default 0.5)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                         help="default: accelerate's (launch flag or `accelerate config`), else no")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")

@@ -52,3 +52,24 @@ def test_training_flags_override_the_config_file_and_unset_flags_keep_it(tmp_pat
     config = _train_config(args)
     assert (config.chimera, config.lora_steps, config.boundary_mix, config.boundary_gap, config.manifest) == \
         (0.5, 7, 0.1, 0.25, "m.csv")
+
+
+def test_the_training_flags_state_trainconfigs_defaults():
+    import re
+    from dataclasses import fields
+
+    from aullava.cli import build_parser
+    from aullava.train import TrainConfig
+
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.values() if a.prog.endswith("train"))
+    stated = 0
+    for action in train._actions:
+        found = re.search(r"\(default ([^;)]+)", action.help or "")
+        name = action.dest
+        if found and name in defaults:
+            value = found.group(1).strip()
+            expected = ",".join(defaults[name]) if isinstance(defaults[name], tuple) else str(defaults[name])
+            assert value == expected, f"--{name.replace('_', '-')} says default {value}, TrainConfig has {expected}"
+            stated += 1
+    assert stated >= 7  # steps, batch, grad accum, boundary mix and gap, chimera, kinds
