@@ -342,8 +342,7 @@ class AULlava(nn.Module):
         au_tokens, au_logits = encoded if encoded is not None else self.encoder(chip, landmarks)
         image = self.image_sequence(self.project(au_tokens), self.llm_dtype)
         fed = [list(suffix) + list(answer) for answer in answers]
-        ids = _padded(fed, self.eos_id)
-        filled = torch.arange(ids.shape[1]) < torch.tensor([len(row) for row in fed]).unsqueeze(1)
+        ids, filled = _padded(fed, self.eos_id)
         mask = torch.cat([torch.ones(batch, prefix_len + image.shape[1], dtype=torch.long), filled.long()], dim=1)
         ids, mask = ids.to(image.device), mask.to(image.device)
         token_embeds = self._causal_lm().get_input_embeddings()(ids)
@@ -544,7 +543,7 @@ class AULlava(nn.Module):
 
         # pass 1: the image, the prompt's end and each face's whole draft
         feeds = drafts
-        ids = _padded([list(suffix) + feed for feed in feeds], self.eos_id)
+        ids, _ = _padded([list(suffix) + feed for feed in feeds], self.eos_id)
         token_embeds = embed(ids.to(device))
         image = self.image_sequence(image, token_embeds.dtype)
         embeds = torch.cat([image, token_embeds], dim=1)
@@ -566,7 +565,7 @@ class AULlava(nn.Module):
             if all(row.finished for row in rows):
                 break
             feeds = [row.next_feed() for row in rows]
-            ids = _padded(feeds, self.eos_id).to(device)
+            ids = _padded(feeds, self.eos_id)[0].to(device)
             fed_from = mask.shape[1]
             positions = next_position.unsqueeze(1) + torch.arange(ids.shape[1], device=device).unsqueeze(0)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -580,8 +579,8 @@ class AULlava(nn.Module):
         sliced views stay untouched)."""
         context = fed_from + kept
         k = len(paths)
-        ids = _padded([list(p) for p in paths], self.eos_id).to(self.device)
-        filled = torch.arange(ids.shape[1]) < torch.tensor([len(p) for p in paths]).unsqueeze(1)
+        ids, filled = _padded([list(p) for p in paths], self.eos_id)
+        ids = ids.to(self.device)
         side_mask = torch.cat([mask[row:row + 1, :context].expand(k, -1), filled.long().to(self.device)], dim=1)
         positions = (position + kept + torch.arange(ids.shape[1], device=self.device)).unsqueeze(0).expand(k, -1)
         kv = [(layer.keys[row:row + 1, :, :context], layer.values[row:row + 1, :, :context]) for layer in cache.layers]
@@ -591,11 +590,13 @@ class AULlava(nn.Module):
         return [hidden[r, len(p) - 1] for r, p in enumerate(paths)]
 
 
-def _padded(sequences: list[list[int]], pad: int) -> torch.Tensor:
+def _padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequences right-padded with `pad` into one [rows, longest] tensor, and where it holds real tokens."""
     ids = torch.full((len(sequences), max(1, max(len(s) for s in sequences))), pad, dtype=torch.long)
     for row, sequence in enumerate(sequences):
         ids[row, : len(sequence)] = torch.tensor(sequence, dtype=torch.long)
-    return ids
+    filled = torch.arange(ids.shape[1]) < torch.tensor([len(s) for s in sequences]).unsqueeze(1)
+    return ids, filled
 
 
 def _draft_lookup(draft: list[int], written: list[int], cursor: int, longest: int = 4) -> tuple[int | None, list]:

@@ -234,10 +234,11 @@ class Trainer:
         self.aus = model_config.aus
         labels, known = presence_labels(self.table.samples, self.aus)
         self.labels, self.known = torch.from_numpy(labels).float(), torch.from_numpy(known).float()
+        self.known_mask = known  # [faces, AUs] bool, as numpy for the per-step draws
         # As the paper does for mixed datasets, each image is asked only about the AUs it has labels for (its
         # dataset's AU set minus unknown labels). A batch shares one prompt, so images are grouped by that set.
         groups: dict[tuple, list[int]] = {}
-        for index, row in enumerate(self.known.numpy() > 0):
+        for index, row in enumerate(self.known_mask):
             asked = tuple(a for a, known in zip(self.aus, row) if known)
             if asked:
                 groups.setdefault(asked, []).append(index)
@@ -392,9 +393,9 @@ class Trainer:
         if self.config.boundary_mix > 0 or self.config.chimera > 0:
             with torch.no_grad(), self.accelerator.autocast():
                 tokens, logits = self.model.encoder(chip.to(self.device), landmarks.to(self.device))
-            asked_columns = np.isin(self.aus, asked)[None, :] & (self.known[indices].numpy() > 0)
+            asked_columns = np.isin(self.aus, asked)[None, :] & self.known_mask[indices]
             bank = self._bank_of_faces()
-            mixed, mixed_logits, source = chimeras(tokens, logits, *bank, self.known.numpy() > 0,
+            mixed, mixed_logits, source = chimeras(tokens, logits, *bank, self.known_mask,
                                                    self.config.chimera, rng, mixable=asked_columns)
             mixed, partner = boundary_mix(mixed, mixed_logits, *bank, self.config.boundary_mix,
                                           self.config.boundary_gap, self.config.boundary_reach, rng,
