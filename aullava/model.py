@@ -565,7 +565,8 @@ class AULlava(nn.Module):
             if all(row.finished for row in rows):
                 break
             feeds = [row.next_feed() for row in rows]
-            ids = _padded(feeds, self.eos_id)[0].to(device)
+            ids, _ = _padded(feeds, self.eos_id)
+            ids = ids.to(device)
             fed_from = mask.shape[1]
             positions = next_position.unsqueeze(1) + torch.arange(ids.shape[1], device=device).unsqueeze(0)
             mask = torch.cat([mask, torch.ones_like(ids)], dim=1)

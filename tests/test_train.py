@@ -110,11 +110,11 @@ def test_a_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
                 trainer.run()
             trainer = Trainer(_config(tiny_manifest, out, encoder_steps=20, projector_steps=0, lora_steps=0))
         trainer.run()
-        assert [h["step"] for h in trainer.history] == list(range(20))  # the resumed run redid steps 10-12 once
+        assert [h["step"] for h in trainer.history] == list(range(20))  # steps 10-12 lost with the kill, redone
         return trainer.model.encoder.state_dict()
 
     whole = encoder_weights(tmp_path / "whole")
-    resumed = encoder_weights(tmp_path / "killed", kill_at=13)  # state saved after step 10
+    resumed = encoder_weights(tmp_path / "killed", kill_at=13)  # the last state saved holds steps 0-9
     # the encoder trains with dropout: equal weights need the same random draws per step after the restart
     for name, value in whole.items():
         assert torch.equal(value, resumed[name]), name
