@@ -95,7 +95,8 @@ def test_training_resumes_where_it_stopped(tiny_manifest, tmp_path):
 
 def test_a_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(tiny_manifest, tmp_path, monkeypatch):
     def encoder_weights(out, kill_at=None):
-        trainer = Trainer(_config(tiny_manifest, out, encoder_steps=20, projector_steps=0, lora_steps=0))
+        config = _config(tiny_manifest, out, encoder_steps=20, projector_steps=0, lora_steps=0)
+        trainer = Trainer(config)
         if kill_at is not None:
             step, calls = trainer._encoder_step, []
 
@@ -108,7 +109,7 @@ def test_a_run_killed_and_resumed_ends_with_the_weights_of_an_uninterrupted_run(
             monkeypatch.setattr(trainer, "_encoder_step", dies_at_kill)
             with pytest.raises(KeyboardInterrupt):
                 trainer.run()
-            trainer = Trainer(_config(tiny_manifest, out, encoder_steps=20, projector_steps=0, lora_steps=0))
+            trainer = Trainer(config)  # a new process, as after a kill
         trainer.run()
         assert [h["step"] for h in trainer.history] == list(range(20))  # steps 10-12 lost with the kill, redone
         return trainer.model.encoder.state_dict()
