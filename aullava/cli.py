@@ -163,7 +163,8 @@ def _train_config(args, **extra):
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
              "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
-             "boundary_mix": args.boundary_mix, "boundary_gap": args.boundary_gap, "chimera": args.chimera}
+             "boundary_mix": args.boundary_mix, "boundary_gap": args.boundary_gap, "chimera": args.chimera,
+             "swap": args.swap}
     return train_config(args.config, **flags, **extra)
 
 
@@ -208,6 +209,9 @@ def _add_training_options(parser, out_help: str):
                         "logits are drawn from [gap, 4] on their own side (default 0.25)")
     parser.add_argument("--chimera", type=float, help="share of the LLM stages' faces made of AU tokens each taken "
                         "from another training face, so that no AU can be read from the others (default 0.5)")
+    parser.add_argument("--swap", type=float, help="share of the other faces with one AU token swapped for one "
+                        "from a face labelled the other way, so that no emotion prototype completes itself "
+                        "(default 0.0)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                         help="default: accelerate's (launch flag or `accelerate config`), else no")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")

@@ -96,6 +96,12 @@ class TrainConfig:
     # others within 0.003; neutral faces with an AU written in the list 7 -> 4, sentence 12 -> 6; all six formats
     # agreeing on 98.3% of (image, AU) pairs (was 96.9%).
     chimera: float = 0.5
+    # Share of the LLM stages' real (not chimeric) faces with ONE asked AU's token swapped for that AU's token
+    # of a training face labelled the other way, the answer changed with it: half the swaps remove a present
+    # AU, half add one. Posed faces come in emotion prototypes and random chimeras rarely make one minus an AU,
+    # so the list learned to complete a prototype it has begun (fold 1: `AU01, AU02, AU05, AU25, AU27` where
+    # the head reads AU27 at -2.8); a swap puts that prototype's prefix before an AU its token says is absent.
+    swap: float = 0.0
     # Encoder learning rate during the LLM stages, relative to theirs. 0 freezes it: at 0.2 the LLM's gradient
     # pulled the encoder's held-out macro F1 from 0.76 to 0.71 in the first CK+ run.
     encoder_lr_scale: float = 0.0
@@ -180,6 +186,37 @@ def chimeras(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.Tens
     return tokens, logits, source
 
 
+def swaps(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.Tensor, bank_logits: torch.Tensor,
+          bank_labels, bank_known, own_labels, rate: float, rng: np.random.Generator, mixable=None, source=None):
+    """Swap ONE AU token in a share `rate` of the faces [B,K,D] that are still their own (`source` [B,K] all -1,
+    see `chimeras`): with even odds an AU the face has (`own_labels` [B,K] bool) or one it has not, among the
+    `mixable` ones, replaced by that AU's token of a bank face labelled the other way (`bank_labels`,
+    `bank_known` [N,K] bool). Returns the tokens, their head logits and the source of each token, as `chimeras`."""
+    source = np.full(tokens.shape[:2], -1) if source is None else source.copy()
+    if rate <= 0:  # no draw: runs without swaps keep their seeded mixes
+        return tokens, logits, source
+    labels, known = np.asarray(bank_labels, dtype=bool), np.asarray(bank_known, dtype=bool)
+    own = np.asarray(own_labels, dtype=bool)
+    allowed = np.ones(own.shape, dtype=bool) if mixable is None else np.asarray(mixable, dtype=bool)
+    chosen = (rng.random(len(own)) < rate) & (source < 0).all(axis=1)
+    remove = rng.random(len(own)) < 0.5
+    tokens, logits = tokens.clone(), logits.clone()
+    for i in np.flatnonzero(chosen):
+        present, absent = np.flatnonzero(allowed[i] & own[i]), np.flatnonzero(allowed[i] & ~own[i])
+        candidates = present if (remove[i] and len(present)) or not len(absent) else absent
+        if not len(candidates):
+            continue
+        k = int(candidates[rng.integers(len(candidates))])
+        pool = np.flatnonzero(known[:, k] & (labels[:, k] != own[i, k]))
+        if not len(pool):
+            continue
+        j = int(pool[rng.integers(len(pool))])
+        tokens[i, k] = bank_tokens[j, k].to(tokens.dtype)
+        logits[i, k] = bank_logits[j, k].to(logits.dtype)
+        source[i, k] = j
+    return tokens, logits, source
+
+
 def _optimizer_state_to_tensors(optimizer) -> tuple[dict, dict]:
     state = optimizer.state_dict()
     tensors = {}
@@ -235,6 +272,7 @@ class Trainer:
         labels, known = presence_labels(self.table.samples, self.aus)
         self.labels, self.known = torch.from_numpy(labels).float(), torch.from_numpy(known).float()
         self.known_mask = known  # [faces, AUs] bool, as numpy for the per-step draws
+        self.labels_mask = (labels > 0) & known
         # As the paper does for mixed datasets, each image is asked only about the AUs it has labels for (its
         # dataset's AU set minus unknown labels). A batch shares one prompt, so images are grouped by that set.
         groups: dict[tuple, list[int]] = {}
@@ -254,8 +292,8 @@ class Trainer:
                  f"{self.device.type}, mixed precision {self.accelerator.mixed_precision}")
         self.history: list[dict] = []
         self._bank = None  # (AU tokens, logits) of every training face, for boundary mixes and chimeras
-        if (config.boundary_mix > 0 or config.chimera > 0) and not config.encoder_frozen:
-            raise ValueError("boundary_mix and chimera change the frozen encoder's tokens: they need encoder_lr_scale 0")
+        if (config.boundary_mix > 0 or config.chimera > 0 or config.swap > 0) and not config.encoder_frozen:
+            raise ValueError("boundary_mix, chimera and swap change the frozen encoder's tokens: they need encoder_lr_scale 0")
 
     def _build_model(self, model_config) -> AULlava:
         from .llm import load_base_llm, tiny_llm
@@ -390,13 +428,16 @@ class Trainer:
         indices = pool[rng.choice(len(pool), size=batch_size, replace=True)]
         chip, landmarks = face_batch(self.table, indices, self.model.config.chip_size, rng)
         encoded = None
-        if self.config.boundary_mix > 0 or self.config.chimera > 0:
+        if self.config.boundary_mix > 0 or self.config.chimera > 0 or self.config.swap > 0:
             with torch.no_grad(), self.accelerator.autocast():
                 tokens, logits = self.model.encoder(chip.to(self.device), landmarks.to(self.device))
             asked_columns = np.isin(self.aus, asked)[None, :] & self.known_mask[indices]
             bank = self._bank_of_faces()
             mixed, mixed_logits, source = chimeras(tokens, logits, *bank, self.known_mask,
                                                    self.config.chimera, rng, mixable=asked_columns)
+            mixed, mixed_logits, source = swaps(mixed, mixed_logits, *bank, self.labels_mask, self.known_mask,
+                                                self.labels_mask[indices], self.config.swap, rng,
+                                                mixable=asked_columns, source=source)
             mixed, partner = boundary_mix(mixed, mixed_logits, *bank, self.config.boundary_mix,
                                           self.config.boundary_gap, self.config.boundary_reach, rng,
                                           mixable=asked_columns)

@@ -360,7 +360,43 @@ def test_chimeras_take_each_au_token_from_a_labelled_face_and_answer_what_that_f
         Trainer(_config(tiny_manifest, tmp_path / "b", chimera=0.5, encoder_lr_scale=0.2))
 
 
-@pytest.mark.parametrize("altered", [{"boundary_mix": 0.5}, {"boundary_mix": 0.25, "chimera": 0.5}])
+def test_swaps_change_one_au_token_of_a_real_face_to_a_face_labelled_the_other_way(tiny_manifest, tmp_path):
+    from aullava.train import swaps
+
+    trainer = Trainer(_config(tiny_manifest, tmp_path, encoder_steps=0, projector_steps=0, lora_steps=0, swap=1.0))
+    tokens, logits = trainer._bank_of_faces()
+    labels, known = trainer.labels_mask, trainer.known_mask
+    rng = np.random.default_rng(0)
+    state = rng.bit_generator.state
+    same, _, none = swaps(tokens, logits, tokens, logits, labels, known, labels, 0.0, rng)
+    assert same is tokens and (none == -1).all() and rng.bit_generator.state == state
+    chimeric = np.full(labels.shape, -1)
+    chimeric[0, :] = 1  # a chimeric face is left alone
+    mixable = known.copy()
+    mixable[:, 1] = False
+    swapped, swapped_logits, source = swaps(tokens, logits, tokens, logits, labels, known, labels, 1.0, rng,
+                                            mixable=mixable, source=chimeric)
+    assert (source[0] == 1).all() and torch.equal(swapped[0], tokens[0])
+    assert (source[1:, 1] == -1).all()
+    changed = source[1:] >= 0
+    assert (changed.sum(1) <= 1).all() and changed.sum() >= len(changed) - 2  # one AU per face
+    removed = 0
+    for i, k in zip(*np.nonzero(source >= 0)):
+        if i == 0:
+            continue
+        j = source[i, k]
+        assert labels[j, k] != labels[i, k] and known[j, k]
+        assert torch.equal(swapped[i, k], tokens[j, k]) and swapped_logits[i, k] == logits[j, k]
+        removed += int(labels[i, k])
+    assert 0 < removed < changed.sum()  # both ways: present AUs removed and absent ones added
+    results = trainer._token_targets(np.arange(len(tokens)), trainer.aus, (swapped, logits),
+                                     np.full(source.shape, -1), source)
+    for i, k in zip(*np.nonzero(source[1:] >= 0)):
+        assert results[i + 1].present[trainer.aus[k]] != bool(labels[i + 1, k])  # the answer changes with it
+
+
+@pytest.mark.parametrize("altered", [{"boundary_mix": 0.5}, {"boundary_mix": 0.25, "chimera": 0.5},
+                                     {"chimera": 0.5, "swap": 1.0}])
 def test_training_on_altered_tokens_lowers_the_answer_loss(tiny_manifest, tmp_path, altered):
     trainer = Trainer(_config(tiny_manifest, tmp_path, formats=("binary",), lora_steps=0, **altered))
     trainer.run()
