@@ -176,14 +176,18 @@ def chimeras(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.Tens
         chosen &= np.asarray(mixable, dtype=bool)
     tokens, logits = tokens.clone(), logits.clone()
     for i, k in zip(*np.nonzero(chosen)):
-        pool = np.flatnonzero(known[:, k])
-        if not len(pool):
-            continue
-        j = int(pool[rng.integers(len(pool))])
-        tokens[i, k] = bank_tokens[j, k].to(tokens.dtype)
-        logits[i, k] = bank_logits[j, k].to(logits.dtype)
-        source[i, k] = j
+        _lend(tokens, logits, source, i, k, np.flatnonzero(known[:, k]), bank_tokens, bank_logits, rng)
     return tokens, logits, source
+
+
+def _lend(tokens, logits, source, i, k, pool, bank_tokens, bank_logits, rng):
+    """Give face i AU k's token and head logit of a bank face drawn from `pool` (none if it is empty)."""
+    if not len(pool):
+        return
+    j = int(pool[rng.integers(len(pool))])
+    tokens[i, k] = bank_tokens[j, k].to(tokens.dtype)
+    logits[i, k] = bank_logits[j, k].to(logits.dtype)
+    source[i, k] = j
 
 
 def swaps(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.Tensor, bank_logits: torch.Tensor,
@@ -207,13 +211,8 @@ def swaps(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.Tensor,
         if not len(candidates):
             continue
         k = int(candidates[rng.integers(len(candidates))])
-        pool = np.flatnonzero(known[:, k] & (labels[:, k] != own[i, k]))
-        if not len(pool):
-            continue
-        j = int(pool[rng.integers(len(pool))])
-        tokens[i, k] = bank_tokens[j, k].to(tokens.dtype)
-        logits[i, k] = bank_logits[j, k].to(logits.dtype)
-        source[i, k] = j
+        _lend(tokens, logits, source, i, k, np.flatnonzero(known[:, k] & (labels[:, k] != own[i, k])),
+              bank_tokens, bank_logits, rng)
     return tokens, logits, source
 
 
