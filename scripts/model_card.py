@@ -71,7 +71,10 @@ lines = [
         "reading, does not change (`boundary_mix` in train.py)." if train_config.get("boundary_mix") else "")
     + (f" {train_config['chimera']:.0%} of the LLM-stage faces were chimeras: each asked AU's token taken from "
        "another training face, the answer saying what each token's face has (`chimera` in train.py)."
-       if train_config.get("chimera") else ""), "",
+       if train_config.get("chimera") else "")
+    + (f" {train_config['swap']:.0%} of the other faces had one AU token swapped: taken from a training face "
+       "labelled the other way for that AU, the answer changed with it (`swap` in train.py)."
+       if train_config.get("swap") else ""), "",
     "## Results on the held-out subjects (peak + neutral frames)",
     f"{report['images']} images, face detection rate {report['detection_rate']}. Macro F1 over AUs with >= 10 "
     "positives in the held-out set; one seed, ~20 subjects: differences under ~0.03 are noise.", "",
