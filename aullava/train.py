@@ -118,6 +118,11 @@ class TrainConfig:
     cpu: bool = False  # stay on the CPU even where a GPU is available
 
     @property
+    def alters_tokens(self) -> bool:
+        """Whether the LLM stages teach on altered AU tokens (boundary mixes, chimeras, swaps)."""
+        return self.boundary_mix > 0 or self.chimera > 0 or self.swap > 0
+
+    @property
     def encoder_frozen(self) -> bool:
         """Whether the encoder stays fixed during the LLM stages."""
         return self.encoder_lr_scale <= 0
@@ -293,8 +298,8 @@ class Trainer:
                  f"({int(self.table.fallback.sum())} by whole-crop fallback); {processes} process(es) on "
                  f"{self.device.type}, mixed precision {self.accelerator.mixed_precision}")
         self.history: list[dict] = []
-        self._bank = None  # (AU tokens, logits) of every training face, for boundary mixes and chimeras
-        if (config.boundary_mix > 0 or config.chimera > 0 or config.swap > 0) and not config.encoder_frozen:
+        self._bank = None  # (AU tokens, logits) of every training face, for the altered tokens
+        if config.alters_tokens and not config.encoder_frozen:
             raise ValueError("boundary_mix, chimera and swap change the frozen encoder's tokens: they need encoder_lr_scale 0")
 
     def _build_model(self, model_config) -> AULlava:
@@ -430,7 +435,7 @@ class Trainer:
         indices = pool[rng.choice(len(pool), size=batch_size, replace=True)]
         chip, landmarks = face_batch(self.table, indices, self.model.config.chip_size, rng)
         encoded = None
-        if self.config.boundary_mix > 0 or self.config.chimera > 0 or self.config.swap > 0:
+        if self.config.alters_tokens:
             with torch.no_grad(), self.accelerator.autocast():
                 tokens, logits = self.model.encoder(chip.to(self.device), landmarks.to(self.device))
             asked_columns = np.isin(self.aus, asked)[None, :] & self.known_mask[indices]
