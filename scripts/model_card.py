@@ -3,7 +3,11 @@ the encoder's k-fold cross-validation (scripts/encoder_cv.py).
 
     python scripts/model_card.py CHECKPOINT_DIR metrics.json [cv.json [CROSSVAL_DIR]]
 
-CROSSVAL_DIR is the --out folder of `python -m aullava crossval` (its crossval.json and crossval.md).
+CROSSVAL_DIR is the --out folder of `python -m aullava crossval` (its crossval.json and crossval.md). The
+hand-written part of the card (status, what was tried) is the checkpoint's CARD_NOTES.md, and RETRAIN.md, where
+present, replaces the generated retrain commands. The shipped card is rebuilt with
+
+    python scripts/model_card.py assets/aullava-ckplus assets/aullava-ckplus/metrics.json assets/aullava-ckplus/cv.json
 """
 import json
 import sys
@@ -104,6 +108,7 @@ if diagnostics:
                  if "chimeras" in diagnostics else ""), ""]
 if cv:
     folds = len(cv["folds"])
+    other_folds = [p.stem.removeprefix("metrics_fold") for p in sorted(checkpoint.glob("metrics_fold*.json"))]
     lines += [f"## {folds}-fold subject-exclusive cross-validation (encoder)",
               f"All {sum(len(f['held_out']) for f in cv['folds'])} subjects of ckplus48 dealt into {folds} folds "
               f"(seed {cv['seed']}); per fold the encoder ("
@@ -111,7 +116,9 @@ if cv:
               + f") was trained as stage 0 of `train` ({cv['steps']} steps) "
               "on the other folds and its per-AU head scored on the fold's peak + neutral frames. This is the "
               "encoder's head, not the LLM's written answer: the full pipeline was trained and scored on fold 0 "
-              "only (above), where the written answers can be compared with the head on the same faces. "
+              + (f"(above) and on fold{'s' * (len(other_folds) > 1)} {', '.join(other_folds)} (status below)"
+                 if other_folds else "only (above)")
+              + ", where the written answers can be compared with the head on the same faces. "
               f"Macro F1 (AUs with >= {cv['min_positives']} positives): mean over folds "
               f"{cv['macro_f1_mean_over_folds']} (per fold "
               + ", ".join(str(f["macro_f1"]) for f in cv["folds"]) + "); pooled over every fold's images "
@@ -172,9 +179,9 @@ if crossval_dir:
 intensity = {n: m["intensity"] for n, m in report["formats"].items() if m.get("intensity")}
 if intensity:
     lines += [f"Intensity on coded labels: {json.dumps(intensity)}", ""]
-extra = checkpoint / "EXTRA.md"
-if extra.exists():
-    lines += [extra.read_text().rstrip(), ""]
+notes = checkpoint / "CARD_NOTES.md"
+if notes.exists():
+    lines += [notes.read_text().rstrip(), ""]
 retrain = checkpoint / "RETRAIN.md"  # how the checkpoint was really trained, when one command does not say it
 if retrain.exists():
     lines += [retrain.read_text().rstrip(), ""]

@@ -1,0 +1,50 @@
+"""scripts/model_card.py: the shipped card is what its sources build, and the card follows its inputs."""
+import json
+import shutil
+import subprocess
+import sys
+
+from conftest import REPO
+
+CARD_SOURCES = ("aullava_config.json", "metrics.json", "cv.json", "CARD_NOTES.md", "metrics_fold1.json")
+SHIPPED = REPO / "assets" / "aullava-ckplus"
+
+
+def build_card(folder, *inputs):
+    subprocess.run([sys.executable, str(REPO / "scripts" / "model_card.py"), str(folder), *map(str, inputs)],
+                   check=True, capture_output=True, text=True)
+    return (folder / "README.md").read_text()
+
+
+def copy_sources(tmp_path):
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    for name in CARD_SOURCES:
+        shutil.copy(SHIPPED / name, folder / name)
+    return folder
+
+
+def test_the_shipped_card_is_what_its_sources_build(tmp_path):
+    folder = copy_sources(tmp_path)
+    card = build_card(folder, SHIPPED / "metrics.json", SHIPPED / "cv.json")
+    assert card == (SHIPPED / "README.md").read_text(), (
+        "assets/aullava-ckplus/README.md is out of date: rebuild it with the command in scripts/model_card.py")
+
+
+def test_the_card_reports_its_inputs(tmp_path):
+    folder = copy_sources(tmp_path)
+    (folder / "CARD_NOTES.md").unlink()
+    (folder / "metrics_fold1.json").unlink()
+    report = json.loads((SHIPPED / "metrics.json").read_text())
+    report["formats"]["list"]["macro_f1"] = 0.9123
+    report["formats"]["binary"]["per_au"]["AU4"]["f1"] = 0.555
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps(report))
+    card = build_card(folder, metrics)
+    assert "| list | 0.9123 | 0 |" in card
+    assert "| AU4 (24) | 0.68 | 0.56 |" in card  # list's own F1, then binary's altered one
+    assert "cross-validation (encoder)" not in card  # no cv.json given
+    assert "## Status against" not in card  # no hand-written notes
+    held_out = json.loads((SHIPPED / "aullava_config.json").read_text())["training"]["train_config"]["held_out_subjects"]
+    assert f"--hold-out {','.join(held_out)}" in card  # the generated retrain command
+    assert json.loads((folder / "metrics.json").read_text()) == report  # the report is kept beside the card
