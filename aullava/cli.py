@@ -164,7 +164,7 @@ def _train_config(args, **extra):
              "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
              "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
              "boundary_mix": args.boundary_mix, "boundary_gap": args.boundary_gap, "chimera": args.chimera,
-             "swap": args.swap}
+             "swap": args.swap, "weak_faces": args.weak_faces}
     return train_config(args.config, **flags, **extra)
 
 
@@ -207,6 +207,8 @@ def _add_training_options(parser, out_help: str):
                         "tokens moved toward the encoder head's decision boundary (default 0.25; 0 turns it off)")
     parser.add_argument("--boundary-gap", type=float, help="how near the boundary those tokens go: their head "
                         "logits are drawn from [gap, 4] on their own side (default 0.25)")
+    parser.add_argument("--weak-faces", type=float, help="share of the LLM stages' faces with most of their AU "
+                        "tokens moved toward that boundary, as a new person's face often reads (default 0.0)")
     parser.add_argument("--chimera", type=float, help="share of the LLM stages' faces made of AU tokens each taken "
                         "from another training face, so that no AU can be read from the others (default 0.5)")
     parser.add_argument("--swap", type=float, help="share of the other faces with one AU token swapped for one "

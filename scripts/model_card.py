@@ -73,6 +73,9 @@ lines = [
         f"head's logit lands between {train_config.get('boundary_gap', 1.0):g} and "
         f"{train_config.get('boundary_reach', 4.0):g} on the token's own side of the boundary; the target, the head's "
         "reading, does not change (`boundary_mix` in train.py)." if train_config.get("boundary_mix") else "")
+    + (f" {train_config['weak_faces']:.0%} of the LLM-stage faces were taught as weak faces: each of their AU "
+       "tokens moved so, with odds drawn per face between 0.5 and 1 (`weak_faces` in train.py)."
+       if train_config.get("weak_faces") else "")
     + (f" {train_config['chimera']:.0%} of the LLM-stage faces were chimeras: each asked AU's token taken from "
        "another training face, the answer saying what each token's face has (`chimera` in train.py)."
        if train_config.get("chimera") else "")
@@ -193,7 +196,8 @@ else:
               f"{train_config.get('batch_size')}"
               + (f" --boundary-mix {train_config['boundary_mix']:g} --boundary-gap "
                  f"{train_config.get('boundary_gap', 1.0):g}" if train_config.get("boundary_mix") else "")
-              + (f" --chimera {train_config['chimera']:g}" if train_config.get("chimera") else "")
+              + "".join(f" --{name.replace('_', '-')} {train_config[name]:g}" for name in ("chimera", "swap", "weak_faces")
+                        if train_config.get(name))
               + f" --hold-out {','.join(held_out)}",
               "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint "
               "runs/ckplus/checkpoint \\",

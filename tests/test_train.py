@@ -319,6 +319,11 @@ def test_boundary_mixes_move_tokens_toward_the_heads_boundary_on_their_own_side(
     kept, none = boundary_mix(tokens, logits, tokens, logits, 1.0, gap, reach, np.random.default_rng(0),
                               mixable=np.zeros(logits.shape, dtype=bool))
     assert (none == -1).all() and torch.equal(kept, tokens)
+    # a rate per face (`weak_faces`): none of the first face's tokens, every two-sided one of the others
+    rates = np.ones(len(tokens))
+    rates[0] = 0.0
+    _, per_face = boundary_mix(tokens, logits, tokens, logits, rates, gap, reach, np.random.default_rng(1))
+    assert (per_face[0] == -1).all() and (per_face[1:, both_sides] >= 0).all()
     # the answer targets say what the head reads in each mix, the rest what the labels say
     results = trainer._token_targets(np.arange(len(tokens)), trainer.aus, (mixed, logits), partner,
                                      np.full(partner.shape, -1))
@@ -396,7 +401,8 @@ def test_swaps_change_one_au_token_of_a_real_face_to_a_face_labelled_the_other_w
 
 
 @pytest.mark.parametrize("altered", [{"boundary_mix": 0.5}, {"boundary_mix": 0.25, "chimera": 0.5},
-                                     {"chimera": 0.5, "swap": 1.0}])
+                                     {"chimera": 0.5, "swap": 1.0},
+                                     {"boundary_mix": 0.0, "chimera": 0.0, "weak_faces": 1.0}])
 def test_training_on_altered_tokens_lowers_the_answer_loss(tiny_manifest, tmp_path, altered):
     trainer = Trainer(_config(tiny_manifest, tmp_path, formats=("binary",), lora_steps=0, **altered))
     trainer.run()
