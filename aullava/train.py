@@ -152,8 +152,8 @@ def _cosine(step: int, total: int) -> float:
 
 
 def boundary_mix(tokens: torch.Tensor, logits: torch.Tensor, bank_tokens: torch.Tensor,
-                 bank_logits: torch.Tensor, rate: float, gap: float, reach: float, rng: np.random.Generator,
-                 mixable=None) -> tuple[torch.Tensor, np.ndarray]:
+                 bank_logits: torch.Tensor, rate: float | np.ndarray, gap: float, reach: float,
+                 rng: np.random.Generator, mixable=None) -> tuple[torch.Tensor, np.ndarray]:
     """Move a share `rate` (one for all, or one per face [B]) of the (face, AU) tokens [B,K,D] toward the head's
     decision boundary.
 
