@@ -435,6 +435,27 @@ class Trainer:
         means = self._accumulate(micro_loss, batch_size, {"aux": float(self.known[indices].sum().clamp(min=1))}, {"aux": 1.0})
         return means["aux"], means
 
+    def _altered_answers(self, chip, landmarks, indices, asked, rng):
+        """The faces' AU tokens as the LLM stages teach them (chimeras, swaps, weak faces, boundary mixes, each
+        where its share asks) with the faces' own logits, and the answers those tokens call for."""
+        with torch.no_grad(), self.accelerator.autocast():
+            tokens, logits = self.model.encoder(chip.to(self.device), landmarks.to(self.device))
+        asked_columns = np.isin(self.aus, asked)[None, :] & self.known_mask[indices]
+        bank = self._bank_of_faces()
+        mixed, mixed_logits, source = chimeras(tokens, logits, *bank, self.known_mask,
+                                               self.config.chimera, rng, mixable=asked_columns)
+        mixed, mixed_logits, source = swaps(mixed, mixed_logits, *bank, self.labels_mask, self.known_mask,
+                                            self.labels_mask[indices], self.config.swap, rng,
+                                            mixable=asked_columns, source=source)
+        rate = self.config.boundary_mix
+        if self.config.weak_faces > 0:  # no draw otherwise: runs without weak faces keep their seeded mixes
+            weak = rng.random(len(indices)) < self.config.weak_faces
+            rate = np.where(weak, rng.uniform(0.5, 1.0, len(indices)), rate)
+        mixed, partner = boundary_mix(mixed, mixed_logits, *bank, rate, self.config.boundary_gap,
+                                      self.config.boundary_reach, rng, mixable=asked_columns)
+        encoded = (mixed, logits)  # the faces' own logits: the per-AU loss stays on their labels
+        return encoded, self._token_targets(indices, asked, encoded, partner, source)
+
     def _answer_step(self, rng, batch_size):
         names = self.config.formats
         format_name = names[rng.choice(len(names), p=self.format_probabilities)]
@@ -445,28 +466,10 @@ class Trainer:
             asked, pool = self.answer_groups[rng.choice(len(sizes), p=sizes / sizes.sum())]
         indices = pool[rng.choice(len(pool), size=batch_size, replace=True)]
         chip, landmarks = face_batch(self.table, indices, self.model.config.chip_size, rng)
-        encoded = None
         if self.config.alters_tokens:
-            with torch.no_grad(), self.accelerator.autocast():
-                tokens, logits = self.model.encoder(chip.to(self.device), landmarks.to(self.device))
-            asked_columns = np.isin(self.aus, asked)[None, :] & self.known_mask[indices]
-            bank = self._bank_of_faces()
-            mixed, mixed_logits, source = chimeras(tokens, logits, *bank, self.known_mask,
-                                                   self.config.chimera, rng, mixable=asked_columns)
-            mixed, mixed_logits, source = swaps(mixed, mixed_logits, *bank, self.labels_mask, self.known_mask,
-                                                self.labels_mask[indices], self.config.swap, rng,
-                                                mixable=asked_columns, source=source)
-            rate = self.config.boundary_mix
-            if self.config.weak_faces > 0:  # no draw otherwise: runs without weak faces keep their seeded mixes
-                weak = rng.random(len(indices)) < self.config.weak_faces
-                rate = np.where(weak, rng.uniform(0.5, 1.0, len(indices)), rate)
-            mixed, partner = boundary_mix(mixed, mixed_logits, *bank, rate,
-                                          self.config.boundary_gap, self.config.boundary_reach, rng,
-                                          mixable=asked_columns)
-            encoded = (mixed, logits)  # the faces' own logits: the per-AU loss stays on their labels
-            results = self._token_targets(indices, asked, encoded, partner, source)
+            encoded, results = self._altered_answers(chip, landmarks, indices, asked, rng)
         else:
-            results = [self.result_for(self.table.samples[i], asked) for i in indices]
+            encoded, results = None, [self.result_for(self.table.samples[i], asked) for i in indices]
         targets = [self.model.answer_targets(format_name, result) for result in results]
         answers = [ids for ids, _, _ in targets]
         # Only the decoder's choices carry a loss, each among its alternatives: forced text is fed at inference,
