@@ -311,7 +311,8 @@ class Trainer:
         self.history: list[dict] = []
         self._bank = None  # (AU tokens, logits) of every training face, for the altered tokens
         if config.alters_tokens and not config.encoder_frozen:
-            raise ValueError("boundary_mix, chimera and swap change the frozen encoder's tokens: they need encoder_lr_scale 0")
+            raise ValueError("boundary_mix, weak_faces, chimera and swap change the frozen encoder's tokens: they need "
+                             "encoder_lr_scale 0")
 
     def _build_model(self, model_config) -> AULlava:
         from .llm import load_base_llm, tiny_llm
