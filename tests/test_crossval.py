@@ -75,7 +75,10 @@ def test_encoder_cv_reports_of_single_folds_merge_into_the_pooled_report(tmp_pat
     assert {au: v["pooled_f1"] for au, v in report["per_au"].items()} == {au: v["f1"] for au, v in pooled["per_au"].items()}
     with pytest.raises(SystemExit, match="more than one fold"):
         encoder_cv.merged([paths[0], paths[0]])
-    other = json.loads(paths[1].read_text()) | {"members": 1}
-    paths[1].write_text(json.dumps(other))
-    with pytest.raises(SystemExit, match="different recipes"):
-        encoder_cv.merged(paths)
+    second = json.loads(paths[1].read_text())
+    paths[1].write_text(json.dumps(second | {"cnn": "small"}))  # reports from before `cnn` ran the small CNN
+    assert encoder_cv.merged(paths)["cnn"] == "small"
+    for changed in ({"cnn": "mini_xception"}, {"members": 1}):
+        paths[1].write_text(json.dumps(second | changed))
+        with pytest.raises(SystemExit, match="different recipes"):
+            encoder_cv.merged(paths)
