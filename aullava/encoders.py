@@ -91,6 +91,7 @@ class AUQueryHead(nn.Module):
 
 
 MINI_XCEPTION_FER2013 = Path(__file__).resolve().parent.parent / "assets" / "mini-xception-fer2013" / "model.safetensors"
+CNN_KINDS = ("small", "mini_xception")  # the landmark_patch backbone's `cnn`; configs without one ran "small"
 
 
 class _SmallCNN(nn.Sequential):
@@ -177,7 +178,7 @@ class LandmarkPatchBackbone(nn.Module):
         elif cnn == "mini_xception":
             self.cnn = MiniXception().load_fer2013()
         else:
-            raise ValueError(f"unknown encoder cnn {cnn!r}: use 'small' or 'mini_xception'")
+            raise ValueError(f"unknown encoder cnn {cnn!r}: use one of {', '.join(CNN_KINDS)}")
         weights, region_of_point = _sampling_matrix()
         self.register_buffer("point_weights", weights, persistent=False)
         self.register_buffer("region_of_point", region_of_point, persistent=False)

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aullava.data.faces import face_batch, prepare_faces  # noqa: E402
+from aullava.encoders import CNN_KINDS  # noqa: E402
 from aullava.data.manifest import presence_labels, read_manifest, subject_folds  # noqa: E402
 from aullava.evaluate import EVAL_KINDS, MIN_POSITIVES, metrics_from_counts, presence_metrics  # noqa: E402
 from aullava.model import AULlavaConfig  # noqa: E402
@@ -91,7 +92,7 @@ def main():
     parser.add_argument("--landmark-logistic", type=float,
                         default=AULlavaConfig().encoder.get("landmark_logistic", 0.0),
                         help="weight of the landmark regression's logit in the head (0: none); default: the model's")
-    parser.add_argument("--cnn", choices=("small", "mini_xception"), default=AULlavaConfig().encoder.get("cnn", "small"),
+    parser.add_argument("--cnn", choices=CNN_KINDS, default=AULlavaConfig().encoder.get("cnn", "small"),
                         help="the members' CNN (mini_xception starts from FER2013 weights); default: the model's")
     parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--merge", nargs="+", metavar="REPORT",
