@@ -91,6 +91,7 @@ class AUQueryHead(nn.Module):
 
 
 MINI_XCEPTION_FER2013 = Path(__file__).resolve().parent.parent / "assets" / "mini-xception-fer2013" / "model.safetensors"
+FER2013_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")  # its classifier's order
 CNN_KINDS = ("small", "mini_xception")  # the landmark_patch backbone's `cnn`; configs without one ran "small"
 
 
@@ -161,9 +162,13 @@ class MiniXception(nn.Module):
         if not Path(path).is_file():
             raise FileNotFoundError(f"the mini-Xception FER2013 weights are missing at {path}: rebuild them with "
                                     "scripts/convert_mini_xception.py")
-        state = load_file(str(path))
-        self.load_state_dict({name: value for name, value in state.items() if not name.startswith("emotion.")})
+        self.load_state_dict(self.trunk_state(load_file(str(path))))
         return self
+
+    @staticmethod
+    def trunk_state(state: dict) -> dict:
+        """The trunk's weights of a converted FER2013 file: all but its `emotion.*` classifier."""
+        return {name: value for name, value in state.items() if not name.startswith("emotion.")}
 
 
 class LandmarkPatchBackbone(nn.Module):

