@@ -90,7 +90,8 @@ class TrainConfig:
     # (fold 1: `AU27` where the head read AU4 at +1.4, AU27 at -14, and every other AU below 0). At 0.3 (fold 1,
     # LLM stages retrained on the same encoder, the shipped recipe otherwise): the list's departures from its
     # head 29 -> 14 (image, AU) pairs, 24 -> 11 of them wrong, list 0.733 -> 0.753, binary 0.768 -> 0.767
-    # (swaps at 0.5 on that fold: 22 departures, list 0.755). Not yet measured on fold 0: off until it is.
+    # (swaps at 0.5 on that fold: 22 departures, list 0.755). On fold 0 (same procedure): list 0.840 -> 0.816,
+    # binary 0.838 -> 0.831, departures 11 -> 20 (8 of them an AU27 the head reads absent). Noise: off.
     weak_faces: float = 0.0
     # Share of LLM-stage faces made chimeric: each asked AU's token taken from a different training face (any
     # face with that AU labelled), the answer saying what each token's face has. On real faces AUs come in
