@@ -53,6 +53,9 @@ FLIP_PERMUTATION = np.array(
 )
 
 
+# Cells and orientation bins of the gradient histograms a landmark regression can read beside the landmarks.
+HOG_CELL, HOG_BINS = 8, 9
+
 def _sampling_matrix() -> tuple[torch.Tensor, torch.Tensor]:
     """(points x 68) weights of every sampled point, and the region index of each point."""
     rows, region_of_point = [], []
@@ -272,29 +275,59 @@ class AUEncoder(nn.Module):
         return self.head.read(au_tokens)
 
 
+def cell_hog(chip: torch.Tensor, cell: int = HOG_CELL, bins: int = HOG_BINS) -> torch.Tensor:
+    """Histograms of oriented gradients of chips [B,1,S,S] -> [B, (S/cell)^2 * bins]: per cell of cell x cell
+    pixels, the gradient magnitude in `bins` unsigned orientations (each pixel shared linearly between its two
+    nearest bins), every cell's histogram L2-normalised (so the chip's contrast does not matter)."""
+    x = chip[:, 0].double()
+    gy, gx = torch.gradient(x, dim=(1, 2))
+    magnitude = torch.hypot(gx, gy)
+    position = torch.remainder(torch.atan2(gy, gx), torch.pi) / torch.pi * bins
+    low = position.floor()
+    share, low = position - low, low.long() % bins
+    histogram = x.new_zeros(x.shape[0], bins, *x.shape[1:])
+    histogram.scatter_add_(1, low.unsqueeze(1), (magnitude * (1 - share)).unsqueeze(1))
+    histogram.scatter_add_(1, ((low + 1) % bins).unsqueeze(1), (magnitude * share).unsqueeze(1))
+    cells = (F.avg_pool2d(histogram, cell) * cell * cell).permute(0, 2, 3, 1)
+    return (cells / (cells.norm(dim=-1, keepdim=True) + 1e-6)).flatten(1)
+
+
 class LandmarkLogistic(nn.Module):
     """One L2-penalised logistic regression per AU on the aligned landmarks, standardised: the classical
-    reference (scripts/classical_reference.py) as a part of the encoder. Fitted once in closed form (`fit`),
-    not by the encoder's optimiser; its parameters are buffers, saved with the encoder's weights."""
+    reference (scripts/classical_reference.py) as a part of the encoder. With `hog_chip_size`, the chip's
+    gradient histograms (`cell_hog`) are features beside the landmarks. Fitted once in closed form (`fit`), not
+    by the encoder's optimiser; its parameters are buffers, saved with the encoder's weights."""
 
-    def __init__(self, num_aus: int, l2: float = 10.0):
+    def __init__(self, num_aus: int, l2: float = 10.0, hog_chip_size: int | None = None):
         super().__init__()
         self.l2 = float(l2)
-        self.register_buffer("mean", torch.zeros(136))
-        self.register_buffer("scale", torch.ones(136))
-        self.register_buffer("weight", torch.zeros(num_aus, 136))
+        self.hog = hog_chip_size is not None
+        size = 136 + ((hog_chip_size // HOG_CELL) ** 2 * HOG_BINS if self.hog else 0)
+        self.register_buffer("mean", torch.zeros(size))
+        self.register_buffer("scale", torch.ones(size))
+        self.register_buffer("weight", torch.zeros(num_aus, size))
         self.register_buffer("bias", torch.zeros(num_aus))
 
-    def forward(self, landmarks: torch.Tensor) -> torch.Tensor:
-        """landmarks [B,68,2] (the encoder's, [-1,1] chip coordinates) -> per-AU logits [B,K]."""
-        features = (landmarks.flatten(1).to(self.mean.dtype) - self.mean) / self.scale
+    def features(self, landmarks: torch.Tensor, chip: torch.Tensor | None = None) -> torch.Tensor:
+        """landmarks [B,68,2] (the encoder's, [-1,1] chip coordinates), with `hog` the chips [B,1,S,S] too."""
+        parts = [landmarks.flatten(1).double()]
+        if self.hog:
+            if chip is None:
+                raise ValueError("this landmark regression also reads the chip's gradient histograms: pass the chip")
+            parts.append(cell_hog(chip))
+        return torch.cat(parts, 1)
+
+    def forward(self, landmarks: torch.Tensor, chip: torch.Tensor | None = None) -> torch.Tensor:
+        """-> per-AU logits [B,K]."""
+        features = (self.features(landmarks, chip).to(self.mean.dtype) - self.mean) / self.scale
         return features @ self.weight.T + self.bias
 
     @torch.no_grad()
-    def fit(self, landmarks: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, iterations: int = 50):
+    def fit(self, landmarks: torch.Tensor, labels: torch.Tensor, known: torch.Tensor, chip: torch.Tensor | None = None,
+            iterations: int = 50):
         """Newton's method per AU on the faces whose label is known (the bias is not penalised)."""
         device = self.mean.device
-        x = landmarks.flatten(1).to(device, torch.float64)
+        x = self.features(landmarks, chip).to(device, torch.float64)
         labels, known = labels.to(device, torch.float64), known.to(device)
         mean, scale = x.mean(0), x.std(0) + 1e-6
         self.mean.copy_(mean)
@@ -334,7 +367,8 @@ class EncoderEnsemble(nn.Module):
         self.config = dict(config)
         self.members = nn.ModuleList(AUEncoder(config, num_aus) for _ in range(int(config.get("members", 1))))
         self.geometry_weight = float(config.get("landmark_logistic", 0.0))
-        self.landmark_logistic = (LandmarkLogistic(num_aus, config.get("landmark_l2", 10.0))
+        hog_chip_size = int(config.get("chip_size", 64)) if config.get("logistic_hog") else None
+        self.landmark_logistic = (LandmarkLogistic(num_aus, config.get("landmark_l2", 10.0), hog_chip_size)
                                   if self.geometry_weight > 0 else None)
         self.hidden_size = sum(member.hidden_size for member in self.members) + (self.landmark_logistic is not None)
 
@@ -345,14 +379,14 @@ class EncoderEnsemble(nn.Module):
         tokens = torch.cat([member_tokens for member_tokens, _ in outputs], dim=-1)
         logits = torch.stack([member_logits for _, member_logits in outputs])
         if per_member:
-            return tokens if self.landmark_logistic is None else self._with_geometry(tokens, landmarks), logits
+            return tokens if self.landmark_logistic is None else self._with_geometry(tokens, landmarks, chip), logits
         if self.landmark_logistic is None:
             return tokens, logits.mean(0)
-        tokens = self._with_geometry(tokens, landmarks)
+        tokens = self._with_geometry(tokens, landmarks, chip)
         return tokens, self.read_logits(tokens)
 
-    def _with_geometry(self, tokens: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
-        geometry = self.landmark_logistic(landmarks).to(tokens.dtype)
+    def _with_geometry(self, tokens: torch.Tensor, landmarks: torch.Tensor, chip: torch.Tensor) -> torch.Tensor:
+        geometry = self.landmark_logistic(landmarks, chip).to(tokens.dtype)
         return torch.cat([tokens, geometry.unsqueeze(-1)], dim=-1)
 
     def read_logits(self, au_tokens: torch.Tensor) -> torch.Tensor:

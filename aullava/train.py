@@ -537,8 +537,8 @@ class Trainer:
         regression = getattr(self.model.encoder, "landmark_logistic", None)
         if regression is None:
             return
-        _, landmarks = face_batch(self.table, range(len(self.table)), self.model.config.chip_size)
-        regression.fit(landmarks, self.labels, self.known)
+        chip, landmarks = face_batch(self.table, range(len(self.table)), self.model.config.chip_size)
+        regression.fit(landmarks, self.labels, self.known, chip)
 
     def _stage_setup(self, stage):
         c = self.config
