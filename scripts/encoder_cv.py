@@ -25,15 +25,17 @@ from aullava.evaluate import EVAL_KINDS, MIN_POSITIVES, metrics_from_counts, pre
 from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
 
-RECIPE = ("steps", "seed", "members", "landmark_logistic", "cnn")  # what reports must share to be merged
-RECIPE_DEFAULTS = {"cnn": "small"}  # reports written before the field existed ran this
+# what reports must share to be merged, and what reports written before a field existed ran
+RECIPE = ("steps", "seed", "members", "landmark_logistic", "cnn", "logistic_hog", "landmark_l2")
+RECIPE_DEFAULTS = {"cnn": "small", "logistic_hog": False, "landmark_l2": 10.0}
 
 
 def run_fold(manifest, held_out, steps, seed, log, members: int, landmark_logistic: float = 0.0,
-             cnn: str = "small") -> tuple[np.ndarray, np.ndarray, list, list]:
+             cnn: str = "small", logistic_hog: bool = False, landmark_l2: float = 10.0
+             ) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
     encoder_config = {**AULlavaConfig().encoder, "members": members, "landmark_logistic": landmark_logistic,
-                      "cnn": cnn}
+                      "cnn": cnn, "logistic_hog": logistic_hog, "landmark_l2": landmark_l2}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(manifest=manifest, out=out, held_out_subjects=tuple(sorted(held_out)),
                                       encoder_steps=steps, projector_steps=0, lora_steps=0, seed=seed,
@@ -94,6 +96,10 @@ def main():
                         help="weight of the landmark regression's logit in the head (0: none); default: the model's")
     parser.add_argument("--cnn", choices=CNN_KINDS, default=AULlavaConfig().encoder.get("cnn", "small"),
                         help="the members' CNN (mini_xception starts from FER2013 weights); default: the model's")
+    parser.add_argument("--logistic-hog", action="store_true",
+                        help="the landmark regression also reads the chip's gradient histograms")
+    parser.add_argument("--landmark-l2", type=float, default=AULlavaConfig().encoder.get("landmark_l2", 10.0),
+                        help="the landmark regression's L2 penalty (default: the model's, 10)")
     parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--merge", nargs="+", metavar="REPORT",
                         help="train nothing: join reports of runs of other folds (--only) into one")
@@ -119,7 +125,8 @@ def run(args) -> dict:
             continue
         truth, predicted, aus, members = run_fold(args.manifest, held_out, args.steps, args.seed, log=print,
                                                   members=args.members, landmark_logistic=args.landmark_logistic,
-                                                  cnn=args.cnn)
+                                                  cnn=args.cnn, logistic_hog=args.logistic_hog,
+                                                  landmark_l2=args.landmark_l2)
         metrics = presence_metrics(truth, predicted, aus)
         member_f1 = [presence_metrics(truth, m, aus)["macro_f1"] for m in members]
         print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}"
@@ -127,7 +134,8 @@ def run(args) -> dict:
         entries.append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics,
                         **({"members_macro_f1": member_f1} if len(members) > 1 else {})})
     return summarize(entries, {"steps": args.steps, "seed": args.seed, "members": args.members,
-                               "landmark_logistic": args.landmark_logistic, "cnn": args.cnn})
+                               "landmark_logistic": args.landmark_logistic, "cnn": args.cnn,
+                               "logistic_hog": args.logistic_hog, "landmark_l2": args.landmark_l2})
 
 
 if __name__ == "__main__":

