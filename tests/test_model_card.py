@@ -48,3 +48,17 @@ def test_the_card_reports_its_inputs(tmp_path):
     held_out = json.loads((SHIPPED / "aullava_config.json").read_text())["training"]["train_config"]["held_out_subjects"]
     assert f"--hold-out {','.join(held_out)}" in card  # the generated retrain command
     assert json.loads((folder / "metrics.json").read_text()) == report  # the report is kept beside the card
+
+
+def test_the_card_names_a_regression_that_reads_gradient_histograms(tmp_path):
+    folder = copy_sources(tmp_path)
+    cv = json.loads((SHIPPED / "cv.json").read_text()) | {"logistic_hog": True, "landmark_l2": 30.0}
+    (tmp_path / "cv.json").write_text(json.dumps(cv))
+    card = build_card(folder, SHIPPED / "metrics.json", tmp_path / "cv.json")
+    assert "--logistic-hog --landmark-l2 30 --out cv.json" in card  # the reproduce line runs that recipe
+    assert "unlike this checkpoint's" in card  # the shipped regression reads the landmarks alone
+    config = json.loads((folder / "aullava_config.json").read_text())
+    config["encoder"] |= {"logistic_hog": True, "landmark_l2": 30.0}
+    (folder / "aullava_config.json").write_text(json.dumps(config))
+    card = build_card(folder, SHIPPED / "metrics.json", tmp_path / "cv.json")
+    assert "on the aligned landmarks and the chip's gradient histograms" in card and "unlike this checkpoint's" not in card
