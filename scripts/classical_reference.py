@@ -63,7 +63,8 @@ def main():
         metrics = presence_metrics(truth, predicted, aus)
         print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}", flush=True)
         entries.append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics})
-    features = "aligned dlib landmarks" + (" and the aligned chip's gradient histograms (8 px cells, 9 bins)" if args.hog else "")
+    features = "aligned dlib landmarks" + (" and the aligned chip's gradient histograms (8 px cells, 9 bins)"
+                                           if args.hog else "")
     report = {"method": f"{features} + one L2 logistic regression per AU", "l2": args.l2, "hog": args.hog,
               "seed": args.seed, "folds": entries,
               "macro_f1_mean_over_folds": round(float(np.mean([f["macro_f1"] for f in entries])), 4)}

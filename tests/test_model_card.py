@@ -61,4 +61,5 @@ def test_the_card_names_a_regression_that_reads_gradient_histograms(tmp_path):
     config["encoder"] |= {"logistic_hog": True, "landmark_l2": 30.0}
     (folder / "aullava_config.json").write_text(json.dumps(config))
     card = build_card(folder, SHIPPED / "metrics.json", tmp_path / "cv.json")
-    assert "on the aligned landmarks and the chip's gradient histograms" in card and "unlike this checkpoint's" not in card
+    assert "on the aligned landmarks and the chip's gradient histograms" in card
+    assert "unlike this checkpoint's" not in card
