@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aullava.data.faces import face_batch, prepare_faces  # noqa: E402
 from aullava.data.manifest import presence_labels, read_manifest, subject_folds  # noqa: E402
-from aullava.encoders import LandmarkLogistic  # noqa: E402
+from aullava.encoders import LANDMARK_L2, LandmarkLogistic  # noqa: E402
 from aullava.evaluate import EVAL_KINDS, presence_metrics  # noqa: E402
 from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import TrainConfig  # noqa: E402
@@ -45,7 +45,7 @@ def main():
     parser.add_argument("--manifest", required=True)
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0, help="the fold deal's seed (encoder_cv.py's default)")
-    parser.add_argument("--l2", type=float, default=10.0,
+    parser.add_argument("--l2", type=float, default=LANDMARK_L2,
                         help="L2 penalty on the standardised features (10: the best of 0.1, 1, 10, 100 over 5 folds; "
                         "with --hog 30, the best of 10, 30, 100, 300, 1000)")
     parser.add_argument("--hog", action="store_true", help="the chip's gradient histograms beside the landmarks")

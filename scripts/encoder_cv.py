@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from aullava.data.faces import face_batch, prepare_faces  # noqa: E402
-from aullava.encoders import CNN_KINDS  # noqa: E402
+from aullava.encoders import CNN_KINDS, LANDMARK_L2  # noqa: E402
 from aullava.data.manifest import presence_labels, read_manifest, subject_folds  # noqa: E402
 from aullava.evaluate import EVAL_KINDS, MIN_POSITIVES, metrics_from_counts, presence_metrics  # noqa: E402
 from aullava.model import AULlavaConfig  # noqa: E402
@@ -27,11 +27,11 @@ from aullava.train import Trainer, TrainConfig  # noqa: E402
 
 # what reports must share to be merged, and what reports written before a field existed ran
 RECIPE = ("steps", "seed", "members", "landmark_logistic", "cnn", "logistic_hog", "landmark_l2")
-RECIPE_DEFAULTS = {"cnn": "small", "logistic_hog": False, "landmark_l2": 10.0}
+RECIPE_DEFAULTS = {"cnn": "small", "logistic_hog": False, "landmark_l2": LANDMARK_L2}
 
 
 def run_fold(manifest, held_out, steps, seed, log, members: int, landmark_logistic: float = 0.0,
-             cnn: str = "small", logistic_hog: bool = False, landmark_l2: float = 10.0
+             cnn: str = "small", logistic_hog: bool = False, landmark_l2: float = LANDMARK_L2
              ) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
     encoder_config = {**AULlavaConfig().encoder, "members": members, "landmark_logistic": landmark_logistic,
@@ -98,7 +98,7 @@ def main():
                         help="the members' CNN (mini_xception starts from FER2013 weights); default: the model's")
     parser.add_argument("--logistic-hog", action="store_true",
                         help="the landmark regression also reads the chip's gradient histograms")
-    parser.add_argument("--landmark-l2", type=float, default=AULlavaConfig().encoder.get("landmark_l2", 10.0),
+    parser.add_argument("--landmark-l2", type=float, default=AULlavaConfig().encoder.get("landmark_l2", LANDMARK_L2),
                         help="the landmark regression's L2 penalty (default: the model's, 10)")
     parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--merge", nargs="+", metavar="REPORT",
@@ -133,9 +133,7 @@ def run(args) -> dict:
               + (f" (members alone: {', '.join(map(str, member_f1))})" if len(members) > 1 else ""), flush=True)
         entries.append({"fold": index, "held_out": sorted(held_out), "images": len(truth), **metrics,
                         **({"members_macro_f1": member_f1} if len(members) > 1 else {})})
-    return summarize(entries, {"steps": args.steps, "seed": args.seed, "members": args.members,
-                               "landmark_logistic": args.landmark_logistic, "cnn": args.cnn,
-                               "logistic_hog": args.logistic_hog, "landmark_l2": args.landmark_l2})
+    return summarize(entries, {key: getattr(args, key) for key in RECIPE})  # the flags are named as the fields
 
 
 if __name__ == "__main__":
