@@ -109,7 +109,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     report = {"images": len(samples), "faces_detected": len(detected),
               "detection_rate": round(len(detected) / len(samples), 4),
               "undetected": [{"path": str(s.path), "reason": reason} for s, reason in undetected[:50]],
-              "aus": list(aus), "formats": {}}
+              "aus": list(aus), "subjects": sorted({s.subject for s in samples}), "formats": {}}
     presence_by_format = {}
     for format_name in formats:
         predicted = np.zeros_like(truth)

@@ -130,6 +130,8 @@ def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
                  "--formats", "list", "binary", "json", "--out", str(out), "--predictions", str(predictions)]) == 0
     report = json.loads(out.read_text())
     assert report["images"] == 6 and report["detection_rate"] == 1.0
+    assert report["subjects"] == sorted({row["subject"] for row in csv.DictReader(tiny_manifest.open())
+                                         if row["kind"] != "near_peak"})  # the subjects scored
     # one row per image and format: the written text, the presence parsed from it, the labels beside it
     rows = list(csv.DictReader(predictions.open()))
     assert len(rows) == 6 * 3 and {r["format"] for r in rows} == {"list", "binary", "json"}
