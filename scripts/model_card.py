@@ -21,6 +21,9 @@ crossval_dir = Path(sys.argv[4]) if len(sys.argv) > 4 else None
 training = config.get("training", {})
 train_config = training.get("train_config", {})
 held_out = train_config.get("held_out_subjects", [])
+# A checkpoint trained on every subject is scored through a run of its recipe with some subjects held out:
+# `report` is that run's, and names the subjects it scored.
+scored = report.get("subjects") or held_out
 
 
 def _encoder_words(config: dict) -> str:
@@ -60,8 +63,11 @@ lines = [
     f"`ckplus48` development split: 48x48 grayscale CK+ crops with human FACS codes. Training used kinds "
     f"{', '.join(train_config.get('kinds', []))} of {len(training.get('subjects', []))} subjects "
     f"({training.get('faces')} faces; near-peak frames inherit the peak's labels). "
-    f"Held out by subject (never seen in training): {len(held_out)} subjects ({', '.join(held_out)}). "
-    "Faces are landmark-aligned before encoding (neutral and peak crops come from different sources with "
+    + (f"Held out by subject (never seen in training): {len(held_out)} subjects ({', '.join(held_out)}). "
+       if held_out else
+       "No subject is held out: the checkpoint has seen every subject of the split. What it does on new people is "
+       "measured on runs of the same recipe with a fold of subjects held out (below). ")
+    +     "Faces are landmark-aligned before encoding (neutral and peak crops come from different sources with "
     "slightly different framing; the raw crop is never encoded).", "",
     "**Intensities.** Coded intensities exist for "
     f"{training.get('images_with_coded_intensity')} training images only. Where a present AU has no coded "
@@ -87,8 +93,12 @@ lines = [
     + (f" {train_config['swap']:.0%} of the other faces had one AU token swapped: taken from a training face "
        "labelled the other way for that AU, the answer changed with it (`swap` in train.py)."
        if train_config.get("swap") else ""), "",
-    "## Results on the held-out subjects (peak + neutral frames)",
-    f"{report['images']} images, face detection rate {report['detection_rate']}. Macro F1 over AUs with >= 10 "
+    "## Results on the held-out subjects (peak + neutral frames)" if held_out else
+    "## The same recipe on held-out subjects (peak + neutral frames)",
+    ("" if held_out else
+     f"Not this checkpoint: the same recipe (data, budget, seed) trained with these {len(scored)} subjects held out "
+     f"({', '.join(scored)}), then scored on them. ")
+    + f"{report['images']} images, face detection rate {report['detection_rate']}. Macro F1 over AUs with >= 10 "
     "positives in the held-out set; one seed, ~20 subjects: differences under ~0.03 are noise.", "",
     "| format | macro F1 | parse failures | s / image |", "|---|---|---|---|",
 ]
@@ -152,11 +162,12 @@ if cv:
         lines += ["", f"This cross-validation's encoder members use the `{cv_cnn}` CNN, this checkpoint's the "
                   f"`{own_cnn}` one: it describes the recipe of its time (see the status below)."]
     else:  # the same recipe: its fold of the checkpoint's test subjects against the shipped encoder
-        own_fold = next((f for f in cv["folds"] if sorted(f["held_out"]) == sorted(held_out)), None)
+        own_fold = next((f for f in cv["folds"] if sorted(f["held_out"]) == sorted(scored)), None)
         shipped_head = ((diagnostics or {}).get("encoder_head") or {}).get("macro_f1")
         if own_fold is not None and shipped_head is not None and abs(own_fold["macro_f1"] - shipped_head) > 0.005:
-            lines += ["", f"Fold {own_fold['fold']} holds out this checkpoint's test subjects: its encoder scores "
-                      f"{own_fold['macro_f1']} there, this checkpoint's encoder {shipped_head} on the same faces. "
+            scored_run = "this checkpoint's" if held_out else "the held-out run's"
+            lines += ["", f"Fold {own_fold['fold']} holds out {scored_run} test subjects: its encoder scores "
+                      f"{own_fold['macro_f1']} there, {scored_run} encoder {shipped_head} on the same faces. "
                       "They come from different training runs, and on ~20 subjects one run's random draw (initial "
                       f"weights, dropout) moves the head by that much: read the mean over folds, not fold "
                       f"{own_fold['fold']} alone, as the recipe's accuracy."]
@@ -205,19 +216,25 @@ retrain = checkpoint / "RETRAIN.md"  # how the checkpoint was really trained, wh
 if retrain.exists():
     lines += [retrain.read_text().rstrip(), ""]
 else:
+    def train_command(out: str, hold_out: list) -> list:
+        return [f"python -m aullava train --manifest ../shared/data/ckplus48/manifest.csv --out {out} \\",
+                f"  --encoder-steps {train_config.get('encoder_steps')} --projector-steps "
+                f"{train_config.get('projector_steps')} --lora-steps {train_config.get('lora_steps')} --batch-size "
+                f"{train_config.get('batch_size')}"
+                + (f" --boundary-mix {train_config['boundary_mix']:g} --boundary-gap "
+                   f"{train_config.get('boundary_gap', 1.0):g}" if train_config.get("boundary_mix") else "")
+                + "".join(f" --{name.replace('_', '-')} {train_config[name]:g}"
+                          for name in ("chimera", "swap", "weak_faces") if train_config.get(name))
+                + (f" --hold-out {','.join(hold_out)}" if hold_out else "")]
+
+    held_out_run = "runs/ckplus" if held_out else "runs/ckplus-heldout"
     lines += ["## Retrain", "```bash",
-              "python -m aullava train --manifest ../shared/data/ckplus48/manifest.csv --out runs/ckplus \\",
-              f"  --encoder-steps {train_config.get('encoder_steps')} --projector-steps "
-              f"{train_config.get('projector_steps')} --lora-steps {train_config.get('lora_steps')} --batch-size "
-              f"{train_config.get('batch_size')}"
-              + (f" --boundary-mix {train_config['boundary_mix']:g} --boundary-gap "
-                 f"{train_config.get('boundary_gap', 1.0):g}" if train_config.get("boundary_mix") else "")
-              + "".join(f" --{name.replace('_', '-')} {train_config[name]:g}" for name in ("chimera", "swap", "weak_faces")
-                        if train_config.get(name))
-              + f" --hold-out {','.join(held_out)}",
-              "python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint "
-              "runs/ckplus/checkpoint \\",
-              f"  --subjects {','.join(held_out)} --formats list binary intensity continuous json sentence "
+              *([] if held_out else ["# this checkpoint: every subject"] + train_command("runs/ckplus", [])
+                + ["# the run scored above: the same, its test subjects held out"]),
+              *train_command(held_out_run, scored),
+              f"python -m aullava evaluate --manifest ../shared/data/ckplus48/manifest.csv --checkpoint "
+              f"{held_out_run}/checkpoint \\",
+              f"  --subjects {','.join(scored)} --formats list binary intensity continuous json sentence "
               "--out metrics.json",
               "```", ""]
 (checkpoint / "README.md").write_text("\n".join(lines))

@@ -45,8 +45,7 @@ def test_the_card_reports_its_inputs(tmp_path):
     assert "| AU4 (24) | 0.68 | 0.56 |" in card  # list's own F1, then binary's altered one
     assert "cross-validation (encoder)" not in card  # no cv.json given
     assert "## Status against" not in card  # no hand-written notes
-    held_out = json.loads((SHIPPED / "aullava_config.json").read_text())["training"]["train_config"]["held_out_subjects"]
-    assert f"--hold-out {','.join(held_out)}" in card  # the generated retrain command
+    assert f"--hold-out {','.join(report['subjects'])}" in card  # the generated retrain command of the scored run
     assert json.loads((folder / "metrics.json").read_text()) == report  # the report is kept beside the card
 
 
@@ -63,3 +62,18 @@ def test_the_card_names_a_regression_that_reads_gradient_histograms(tmp_path):
     card = build_card(folder, SHIPPED / "metrics.json", tmp_path / "cv.json")
     assert "on the aligned landmarks and the chip's gradient histograms" in card
     assert "unlike this checkpoint's" not in card
+
+
+def test_a_checkpoint_trained_on_every_subject_is_scored_through_its_held_out_run(tmp_path):
+    folder = copy_sources(tmp_path)
+    config = json.loads((folder / "aullava_config.json").read_text())
+    config["training"]["train_config"]["held_out_subjects"] = []
+    (folder / "aullava_config.json").write_text(json.dumps(config))
+    report = json.loads((SHIPPED / "metrics.json").read_text())
+    card = build_card(folder, SHIPPED / "metrics.json", SHIPPED / "cv.json")
+    assert "No subject is held out" in card and "## The same recipe on held-out subjects" in card
+    assert f"trained with these {len(report['subjects'])} subjects held out ({', '.join(report['subjects'])})" in card
+    retrain = card[card.index("## Retrain"):]
+    # the checkpoint's own command holds out nothing; the scored run's holds out the subjects it is scored on
+    assert retrain.count("--hold-out") == 1 and f"--hold-out {','.join(report['subjects'])}" in retrain
+    assert "--out runs/ckplus \\" in retrain and "--checkpoint runs/ckplus-heldout/checkpoint" in retrain
