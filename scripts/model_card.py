@@ -67,7 +67,7 @@ lines = [
        if held_out else
        "No subject is held out: the checkpoint has seen every subject of the split. What it does on new people is "
        "measured on runs of the same recipe with a fold of subjects held out (below). ")
-    +     "Faces are landmark-aligned before encoding (neutral and peak crops come from different sources with "
+    + "Faces are landmark-aligned before encoding (neutral and peak crops come from different sources with "
     "slightly different framing; the raw crop is never encoded).", "",
     "**Intensities.** Coded intensities exist for "
     f"{training.get('images_with_coded_intensity')} training images only. Where a present AU has no coded "
