@@ -57,6 +57,7 @@ FLIP_PERMUTATION = np.array(
 HOG_CELL, HOG_BINS = 8, 9
 LANDMARK_L2 = 10.0  # the landmark regression's default L2 penalty: the best of 0.1 / 1 / 10 / 100 over the CV folds
 
+
 def _sampling_matrix() -> tuple[torch.Tensor, torch.Tensor]:
     """(points x 68) weights of every sampled point, and the region index of each point."""
     rows, region_of_point = [], []
