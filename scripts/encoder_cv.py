@@ -26,20 +26,21 @@ from aullava.model import AULlavaConfig  # noqa: E402
 from aullava.train import Trainer, TrainConfig  # noqa: E402
 
 # what reports must share to be merged, and what reports written before a field existed ran
-RECIPE = ("steps", "seed", "members", "landmark_logistic", "cnn", "logistic_hog", "landmark_l2")
-RECIPE_DEFAULTS = {"cnn": "small", "logistic_hog": False, "landmark_l2": LANDMARK_L2}
+RECIPE = ("steps", "seed", "members", "landmark_logistic", "cnn", "logistic_hog", "landmark_l2", "kinds")
+RECIPE_DEFAULTS = {"cnn": "small", "logistic_hog": False, "landmark_l2": LANDMARK_L2,
+                   "kinds": list(TrainConfig.kinds)}
 
 
 def run_fold(manifest, held_out, steps, seed, log, members: int, landmark_logistic: float = 0.0,
-             cnn: str = "small", logistic_hog: bool = False, landmark_l2: float = LANDMARK_L2
-             ) -> tuple[np.ndarray, np.ndarray, list, list]:
+             cnn: str = "small", logistic_hog: bool = False, landmark_l2: float = LANDMARK_L2,
+             kinds: tuple = TrainConfig.kinds) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Truth and the head's presence on the fold's faces, the AUs, and each ensemble member's presence."""
     encoder_config = {**AULlavaConfig().encoder, "members": members, "landmark_logistic": landmark_logistic,
                       "cnn": cnn, "logistic_hog": logistic_hog, "landmark_l2": landmark_l2}
     with tempfile.TemporaryDirectory() as out:
         trainer = Trainer(TrainConfig(manifest=manifest, out=out, held_out_subjects=tuple(sorted(held_out)),
-                                      encoder_steps=steps, projector_steps=0, lora_steps=0, seed=seed,
-                                      model={"encoder": encoder_config}), log=log)
+                                      kinds=tuple(kinds), encoder_steps=steps, projector_steps=0, lora_steps=0,
+                                      seed=seed, model={"encoder": encoder_config}), log=log)
         trainer.run(resume=False)
         encoder, aus = trainer.model.encoder.eval(), trainer.aus
     test = [s for s in read_manifest(manifest, kinds=EVAL_KINDS) if s.subject in held_out]
@@ -100,6 +101,8 @@ def main():
                         help="the landmark regression also reads the chip's gradient histograms")
     parser.add_argument("--landmark-l2", type=float, default=AULlavaConfig().encoder.get("landmark_l2", LANDMARK_L2),
                         help="the landmark regression's L2 penalty (default: the model's, 10)")
+    parser.add_argument("--kinds", nargs="+", default=list(TrainConfig.kinds),
+                        help="manifest kinds the encoder trains on (default: the recipe's)")
     parser.add_argument("--only", type=int, nargs="+", help="run only these folds (0-based); the others are skipped")
     parser.add_argument("--merge", nargs="+", metavar="REPORT",
                         help="train nothing: join reports of runs of other folds (--only) into one")
@@ -126,7 +129,7 @@ def run(args) -> dict:
         truth, predicted, aus, members = run_fold(args.manifest, held_out, args.steps, args.seed, log=print,
                                                   members=args.members, landmark_logistic=args.landmark_logistic,
                                                   cnn=args.cnn, logistic_hog=args.logistic_hog,
-                                                  landmark_l2=args.landmark_l2)
+                                                  landmark_l2=args.landmark_l2, kinds=args.kinds)
         metrics = presence_metrics(truth, predicted, aus)
         member_f1 = [presence_metrics(truth, m, aus)["macro_f1"] for m in members]
         print(f"fold {index}: {len(truth)} images, macro F1 {metrics['macro_f1']}"

@@ -76,10 +76,12 @@ def test_encoder_cv_reports_of_single_folds_merge_into_the_pooled_report(tmp_pat
     with pytest.raises(SystemExit, match="more than one fold"):
         encoder_cv.merged([paths[0], paths[0]])
     second = json.loads(paths[1].read_text())
-    # reports from before `cnn` and `logistic_hog` ran the small CNN and a regression on the landmarks alone
+    # reports from before `cnn`, `logistic_hog` and `kinds` ran the small CNN, a regression on the landmarks alone
+    # and the recipe's kinds
     paths[1].write_text(json.dumps(second | {"cnn": "small", "logistic_hog": False, "landmark_l2": 10.0}))
     assert encoder_cv.merged(paths)["cnn"] == "small" and encoder_cv.merged(paths)["logistic_hog"] is False
-    for changed in ({"cnn": "mini_xception"}, {"members": 1}, {"logistic_hog": True}, {"landmark_l2": 30.0}):
+    for changed in ({"cnn": "mini_xception"}, {"members": 1}, {"logistic_hog": True}, {"landmark_l2": 30.0},
+                    {"kinds": ["peak", "neutral"]}):
         paths[1].write_text(json.dumps(second | changed))
         with pytest.raises(SystemExit, match="different recipes"):
             encoder_cv.merged(paths)
