@@ -210,7 +210,9 @@ def on_load(request: gr.Request):
     question answered), e.g. for screenshots and the headless-browser test."""
     params = dict(request.query_params) if request is not None else {}
     if params.get("example") in (None, "", "0"):
-        return gr.skip(), None
+        # None, not gr.skip(): Gradio answers an update by building the session's own copy of the component,
+        # which would drop tolerant_image's patch (a text file renamed .png then gets a bare "Error" badge)
+        return None, None
     question = (params.get("ask") or "").strip()[: chat_lib.MAX_MESSAGE_CHARS] or None
     return EXAMPLE_FACES[0], question
 

@@ -187,6 +187,14 @@ class Browser:
             time.sleep(interval)
         return value
 
+    def set_files(self, selector: str, paths) -> None:
+        """Choose `paths` in the file input matching `selector`, as a person picking files would."""
+        root = self.call("DOM.getDocument", depth=-1, pierce=True)["root"]["nodeId"]
+        node = self.call("DOM.querySelector", nodeId=root, selector=selector)["nodeId"]
+        if not node:
+            raise RuntimeError(f"no element matches {selector!r}")
+        self.call("DOM.setFileInputFiles", nodeId=node, files=[str(p) for p in paths])
+
     def screenshot(self, path):
         data = self.call("Page.captureScreenshot", format="png")["data"]
         with open(path, "wb") as handle:

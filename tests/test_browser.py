@@ -81,6 +81,31 @@ def test_page_after_analysis_shows_image_text_chart_and_chat(server, tmp_path): 
         shutil.copyfile(shot, target)
 
 
+STATUS = "(document.querySelector('#aullava-status') || {innerText: ''}).innerText"
+
+
+def test_a_file_that_is_not_an_image_gets_a_sentence_in_the_page(server, tmp_path):  # noqa: F811
+    """Picked in the page as a person would (the plain page, no ?example): the status says what is wrong and no
+    output shows Gradio's bare error badge."""
+    notes = tmp_path / "notes.png"
+    notes.write_text("not an image, just a text file with an image suffix")
+    browser = Browser(CHROMIUM, 1280, 800)
+    try:
+        browser.open(server["url"])
+        assert browser.wait_for("!!document.querySelector('#aullava-input input[type=file]')", timeout=60)
+        time.sleep(1)  # the page's load event has run
+        browser.set_files("#aullava-input input[type=file]", [notes])
+        status = browser.wait_for(f"/not an image|could not be read/.test({STATUS}) ? {STATUS} : null", timeout=120)
+        shown = browser.evaluate(STATUS)
+        errors = browser.evaluate("document.querySelectorAll('.error, .validation-error').length")
+        browser.screenshot(tmp_path / "not_an_image.png")
+    finally:
+        browser.close()
+    assert status, f"no sentence about the file; status: {shown!r}"
+    assert "/tmp" not in status and "Traceback" not in status
+    assert errors == 0
+
+
 LIVE_STATUS = "(document.querySelector('#aullava-live-status') || {innerText: ''}).innerText"
 
 
