@@ -101,7 +101,7 @@ def au_fact(a: int) -> str:
 
 
 # ----- what the question asks --------------------------------------------------------------------------
-_AU_CODE = re.compile(r"\b(?:AU|action[\s-]*unit)\s*[-#]?\s*0*(\d{1,2})(?![\d.])", re.IGNORECASE)
+_AU_CODE = re.compile(r"\b(?:AU|action[\s-]*unit)\s*[-#]?\s*0*(\d{1,2})(?!\d|\.\d)", re.IGNORECASE)
 _REGION_WORDS = {
     "brows": ("brow", "brows", "eyebrow", "eyebrows", "forehead"),
     "eyes": ("eye", "eyes", "eyelid", "eyelids", "lid", "lids"),
@@ -425,6 +425,8 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
             return "does not say the smile is genuine"
         if not genuine and not denied and not re.search(r"social|polite|non-duchenne|no smile", answer, re.I):
             return "does not say the smile is not genuine"
+        if smile in active and not {cheek, smile} <= named:  # "a felt smile" alone answers nothing
+            return f"does not name the AUs of the Duchenne rule (AU{cheek}, AU{smile})"
     elif intent.kind == "region":
         here = {a for a in active if facs.AUS.get(a) and facs.AUS[a].region == intent.region}
         if here - named:

@@ -323,6 +323,21 @@ def test_muscles_of_undetected_aus_are_rejected():
     assert chat.unsupported_muscles("the levator labii superioris alaeque nasi wrinkles the nose", {9}) == []
 
 
+def test_an_au_code_ending_a_sentence_is_read_and_a_decimal_is_not():
+    assert chat.mentioned_aus("A smile: AU6 and AU12. Nothing else.") == [6, 12]
+    assert chat.mentioned_aus("a value of AU4.5") == []
+    assert chat.unsupported_aus("It also shows AU17.", SMILE) == [17]
+
+
+def test_a_genuine_smile_answer_must_name_its_aus():
+    intent = chat.parse_question("which AUs suggest a genuine smile?")
+    assert intent.kind == "genuine_smile"
+    vague = "The cheek raise around the eyes that marks a felt smile is a FACS rule of thumb, not a proven fact."
+    assert "AU6, AU12" in chat.check_answer(vague, SMILE, intent)
+    assert chat.check_answer("AU6 cheek raiser with AU12 lip corner puller: a genuine smile.", SMILE, intent) is None
+    assert chat.check_answer(chat.factual_answer(intent, SOCIAL), SOCIAL, intent) is None
+
+
 def test_genuine_smile_wording_with_negated_alternatives_is_accepted():
     intent = chat.parse_question("is this a genuine smile?")
     assert chat.check_answer("It is a genuine smile, not a fake one: AU6 with AU12.", SMILE, intent) is None
