@@ -220,7 +220,9 @@ def on_load(request: gr.Request):
 def ask_pending(question, history, session=None, face=None):
     """The question of ?ask=..., asked once the analysis is there."""
     if not question:
-        yield gr.skip(), None
+        # the chat as it is: answering gr.skip() here erased a question asked while the analysis ran (seen in
+        # Chromium, not in a minimal Blocks app; tests/test_browser.py holds the page to it)
+        yield history, None
         return
     for history, _ in chat(question, history, session, face):
         yield history, None
@@ -291,6 +293,7 @@ def build() -> gr.Blocks:
                                                          "Is this a genuine smile? Which AUs are on the brow?",
                                              feedback_options=None, sanitize_html=True)
                         question = gr.Textbox(placeholder="Ask about the Action Units...", show_label=False,
+                                              elem_id="aullava-question",
                                               submit_btn="Ask", max_length=chat_lib.MAX_MESSAGE_CHARS + 1)
                         gr.Markdown("Answers come from the same base LLM (adapter off), grounded in the "
                                     "analysis; when its wording contradicts the analysis, the computed facts "

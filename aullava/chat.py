@@ -32,7 +32,7 @@ HISTORY_TURNS = 1  # earlier exchanges kept in the prompt (each message cut to H
 HISTORY_CHARS = 300
 
 NO_ANALYSIS = ("No face analysed yet: give me a photo first (upload, webcam, paste or an example), "
-               "then ask about its Action Units.")
+               "then ask about its Action Units. If a photo is being analysed, ask again once its answer shows.")
 EMPTY_MESSAGE = 'Please type a question, for example "what does AU6 mean?" or "is this a genuine smile?".'
 TOO_LONG = ("That message is {n:,} characters long; please ask in at most {limit:,} characters "
             "(one short question works best).")

@@ -106,6 +106,33 @@ def test_a_file_that_is_not_an_image_gets_a_sentence_in_the_page(server, tmp_pat
     assert errors == 0
 
 
+def test_a_question_asked_while_the_photo_is_analysed_stays_in_the_chat(server, tmp_path):  # noqa: F811
+    """Asked right after the upload, before the analysis is there: the exchange stays when the analysis lands."""
+    from test_app import grace_hopper_path
+
+    browser = Browser(CHROMIUM, 1280, 800)
+    try:
+        browser.open(server["url"])
+        assert browser.wait_for("!!document.querySelector('#aullava-input input[type=file]')", timeout=60)
+        time.sleep(1)
+        browser.set_files("#aullava-input input[type=file]", [grace_hopper_path()])
+        asked = browser.evaluate("""(() => {
+          const box = document.querySelector('#aullava-question textarea');
+          const setter = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set;
+          setter.call(box, 'is AU12 there?');
+          box.dispatchEvent(new Event('input', {bubbles: true}));
+          return true; })()""") and _click(browser, "#aullava-question button", "Ask")
+        analysed = browser.wait_for("(document.querySelector('#aullava-text textarea') || {value: ''}).value",
+                                    timeout=240)
+        time.sleep(4)  # whatever follows the analysis has run
+        chat = browser.evaluate("(document.querySelector('#aullava-chat') || {innerText: ''}).innerText")
+        browser.screenshot(tmp_path / "asked_during_analysis.png")
+    finally:
+        browser.close()
+    assert asked and analysed
+    assert "is AU12 there?" in chat, chat
+
+
 LIVE_STATUS = "(document.querySelector('#aullava-live-status') || {innerText: ''}).innerText"
 
 
