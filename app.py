@@ -275,7 +275,7 @@ def build() -> gr.Blocks:
                         face = gr.Radio([], label="Face", visible=False)
                         status = gr.Markdown(READY, elem_id="aullava-status")
                         gr.Examples(EXAMPLE_FACES, inputs=[image], label="Example (public domain)")
-                        overlay = gr.Image(label="Faces, landmarks and active regions", type="pil",
+                        overlay = gr.Image(label="Landmarks and active regions", type="pil",
                                            interactive=False, height=260, format="jpeg", elem_id="aullava-overlay")
                     with gr.Column(scale=5, min_width=320):
                         text = gr.Textbox(label="The model's answer", lines=3, max_lines=8, interactive=False,
@@ -285,7 +285,7 @@ def build() -> gr.Blocks:
                                         buttons=["download", "fullscreen"])
                         hint = gr.Markdown("")
                         downloads = gr.File(label="Download the result (JSON, CSV)", file_count="multiple",
-                                            interactive=False, height=90)
+                                            interactive=False, height=130)
                         result_json = gr.JSON(label="Result", visible=False)
                     with gr.Column(scale=4, min_width=300):
                         chatbot = gr.Chatbot(label="Ask about this face", height=470, elem_id="aullava-chat",

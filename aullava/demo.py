@@ -283,13 +283,13 @@ def status_line(session: Session) -> str:
 # ----- downloads --------------------------------------------------------------------------------------
 def result_dict(session: Session) -> dict:
     """Everything the page shows, JSON-ready: per face its box, the model's text, the parsed AUs with names
-    and regions, the emotion hints and the model's choice probabilities."""
+    and regions, the emotion hints and the probability the model gave each choice it wrote."""
     fmt = fmt_lib.get_format(session.format)
     faces = []
     for face_result in session.results:
         entry = face_result.to_dict()
         entry["face"] = face_result.face.index + 1
-        entry["confidence"] = face_result.confidence
+        entry["choice_probabilities"] = face_result.confidence  # of each choice the LLM made, in writing order
         if face_result.result is not None:
             result = face_result.result
             entry["active"] = [fmt_lib.au_code(a) for a in facs.sort_by_region(result.active)]
