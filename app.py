@@ -228,6 +228,17 @@ def ask_pending(question, history, session=None, face=None):
         yield history, None
 
 
+def note_new_format(history, session=None):
+    """After a change of answer format re-analysed the face, say so in a chat that has answers about the
+    previous analysis (they stay: nothing the user read disappears)."""
+    history = list(history or [])
+    if not history or not isinstance(session, logic.Session):
+        return history
+    title = get_format(session.format).title
+    return history + [{"role": "assistant", "content": f"(The face was analysed again, as {title}: answers from "
+                                                       "here on are about this analysis.)"}]
+
+
 def live(frame, mode=logic.LIVE_DEFAULT, state=None):
     """One webcam frame in live mode, largest face: the fast read-out of the model's binary answer or its written list
     answer. Returns (status, text, chart, overlay, state); `state` counts this stream's updates for the rate."""
@@ -271,7 +282,7 @@ def build() -> gr.Blocks:
                         image = tolerant_image(label="Face", type="filepath", image_mode=None,
                                                sources=["upload", "webcam", "clipboard"], height=300,
                                                elem_id="aullava-input")
-                        fmt = gr.Dropdown(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Answer format")
+                        fmt = gr.Dropdown(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Answer format", elem_id="aullava-format")
                         face = gr.Radio([], label="Face", visible=False)
                         status = gr.Markdown(READY, elem_id="aullava-status")
                         gr.Examples(EXAMPLE_FACES, inputs=[image], label="Example (public domain)")
@@ -343,7 +354,8 @@ def build() -> gr.Blocks:
         image.change(lambda: [], None, chatbot, queue=False, api_visibility="private")  # a new face, a new chat
         page.load(on_load, None, [image, pending_question], api_visibility="private")
         fmt.change(analyse, [image, fmt, session, face], outputs, api_visibility="private",
-                   trigger_mode="always_last", **common)
+                   trigger_mode="always_last", **common).success(
+            note_new_format, [chatbot, session], chatbot, api_visibility="private", queue=False)
         face.input(show_face, [face, session], outputs, api_visibility="private", concurrency_limit=None)
         question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
         video_button.click(analyse_video, [video, video_fmt, video_fps], [video_status, video_series, video_downloads],

@@ -440,3 +440,15 @@ def test_chat_updates_are_spaced_and_the_last_reply_always_comes(monkeypatch):
     assert 1 <= len(updates) < 20  # a fast stream is shown at most every CHAT_UPDATE_EVERY seconds
     history, box = updates[-1]
     assert history[-1] == {"role": "assistant", "content": "reply 19"} and box == ""
+
+
+def test_a_format_change_is_noted_in_a_chat_that_has_answers():
+    import app
+    from aullava import demo
+
+    session = demo.Session(key="k", display=None, scale=1.0, faces=[], format="json", results=[])
+    asked = [{"role": "user", "content": "is AU12 there?"}, {"role": "assistant", "content": "AU12 is detected."}]
+    noted = app.note_new_format(asked, session)
+    assert noted[:2] == asked and noted[2]["role"] == "assistant" and "JSON" in noted[2]["content"]
+    assert app.note_new_format([], session) == []  # nothing to put in context
+    assert app.note_new_format(asked, None) == asked  # the re-analysis failed: its sentence is in the status
