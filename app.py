@@ -282,7 +282,8 @@ def build() -> gr.Blocks:
                         image = tolerant_image(label="Face", type="filepath", image_mode=None,
                                                sources=["upload", "webcam", "clipboard"], height=300,
                                                elem_id="aullava-input")
-                        fmt = gr.Dropdown(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Answer format", elem_id="aullava-format")
+                        fmt = gr.Dropdown(FORMAT_CHOICES, value=DEFAULT_FORMAT, label="Answer format",
+                                          elem_id="aullava-format")
                         face = gr.Radio([], label="Face", visible=False)
                         status = gr.Markdown(READY, elem_id="aullava-status")
                         gr.Examples(EXAMPLE_FACES, inputs=[image], label="Example (public domain)")
