@@ -9,6 +9,25 @@ import time
 from pathlib import Path
 
 
+def _writable(path, option: str):
+    """Refuse an output path that cannot be written before any work is done; the message names the option."""
+    if not path:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path} is a folder: give a file name")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: the folder {target.parent} does not exist")
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as error:
+        raise ValueError(f"{option} {path} cannot be written ({error.strerror or error})") from None
+    if not existed:
+        target.unlink()
+
+
 def _analyze(args) -> int:
     from . import formats as fmt_lib
     from .face import FaceError
@@ -21,6 +40,8 @@ def _analyze(args) -> int:
     fmt_lib.get_format(args.format)
     if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
+    for path, option in ((args.csv, "--csv"), (args.jsonl, "--jsonl"), (args.plot, "--plot")):
+        _writable(path, option)
     images = expand_inputs(args.images)
     if not images:
         raise ValueError(f"no image or video files in {', '.join(args.images)}")
@@ -120,15 +141,16 @@ def _manifests(paths: list | None):
 
 
 def _evaluate(args) -> int:
-    from .data.manifest import read_manifests
-    from .evaluate import evaluate
+    from .evaluate import MIN_POSITIVES, evaluate, scored_samples
     from .service import Analyzer
 
     manifest = _manifests(args.manifest)
-    read_manifests(manifest, args.images_root)  # a broken manifest is reported before the model loads
-    analyzer = Analyzer(args.checkpoint, speculate=not args.no_speculate)
     kinds = tuple(args.kinds.split(",")) if args.kinds else None
     subjects = args.subjects.split(",") if args.subjects else None
+    scored_samples(manifest, args.images_root, kinds, subjects)  # a broken manifest is reported before the model loads
+    _writable(args.out, "--out")
+    _writable(args.predictions, "--predictions")
+    analyzer = Analyzer(args.checkpoint, speculate=not args.no_speculate)
     rows = [] if args.predictions else None
     report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects, predictions=rows)
     if rows is not None:
@@ -139,8 +161,12 @@ def _evaluate(args) -> int:
     report["checkpoint"] = str(analyzer.checkpoint)
     report["speculate"] = analyzer.speculate
     Path(args.out).write_text(json.dumps(report, indent=2))
+    if report["missing_images"]:
+        print(f"warning: {report['missing_images']} image(s) of the manifest do not exist (e.g. "
+              f"{report['missing_examples'][0]}): scored as undetected, listed in the report", file=sys.stderr)
     for name, metrics in report["formats"].items():
-        print(f"{name:>10}: macro F1 {metrics['macro_f1']}  parse failures {metrics['parse_failures']}  "
+        macro = metrics["macro_f1"] if metrics["macro_f1"] is not None else f"n/a (no AU has {MIN_POSITIVES} positives)"
+        print(f"{name:>10}: macro F1 {macro}  parse failures {metrics['parse_failures']}  "
               f"{metrics['seconds_per_image']} s/image")
     diagnostics = report.get("diagnostics", {})
     for key, label in (("encoder_head", "encoder's own head (not an answer)"), ("readout", "fast read-out (live mode)")):
@@ -150,7 +176,8 @@ def _evaluate(args) -> int:
         chimeras = diagnostics["chimeras"]
         print(f"read-out on chimeric faces (each AU token from another face): macro F1 "
               f"{chimeras['readout']['macro_f1']}, the head {chimeras['encoder_head']['macro_f1']}")
-    print(f"detection rate {report['detection_rate']}; agreement {report['agreement'].get('all')}; written {args.out}")
+    agreement = report["agreement"].get("all", "n/a (one format)")
+    print(f"detection rate {report['detection_rate']}; agreement {agreement}; written {args.out}")
     return 0
 
 
@@ -253,6 +280,7 @@ def _manifest(args) -> int:
 def _bench(args) -> int:
     from .bench import main as bench_main
 
+    _writable(args.out, "--out")
     return bench_main(args)
 
 

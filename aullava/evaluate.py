@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 import time
 from itertools import combinations
+from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from .data.manifest import presence_labels, read_manifests
+from .data.manifest import ManifestError, presence_labels, read_manifests
 from .face import FaceError, load_image
 
 MIN_POSITIVES = 10  # AUs with fewer positives are listed but left out of macro F1
@@ -79,6 +80,28 @@ def intensity_metrics(truth: list, predicted: list, aus: list | None = None) -> 
     return out
 
 
+def scored_samples(manifest, images_root=None, kinds=None, subjects=None) -> tuple[list, list]:
+    """The manifest rows `evaluate` scores (without `kinds`, all but near_peak; only `subjects` if given), and
+    those of them whose image file is missing (scored as undetected, like an unreadable image). A subject without
+    rows, or not one image found (a wrong --images-root), is a ManifestError."""
+    samples = read_manifests(manifest, images_root, kinds=kinds)
+    if kinds is None:
+        samples = [s for s in samples if s.kind != "near_peak"]
+    if subjects:
+        absent = sorted(set(subjects) - {s.subject for s in samples})
+        if absent:
+            raise ManifestError(f"subject(s) {', '.join(absent)} have no rows to score in the manifest"
+                                + (f" (kinds {', '.join(kinds)})" if kinds else " (peak and neutral rows)"))
+        samples = [s for s in samples if s.subject in set(subjects)]
+    if not samples:
+        raise ManifestError("the manifest has no rows to score: without --kinds, near_peak rows are left out")
+    missing = [s for s in samples if not Path(s.path).is_file()]
+    if len(missing) == len(samples):
+        raise ManifestError(f"none of the manifest's {len(samples)} images exist (the first is looked for at "
+                            f"{missing[0].path}); give the folder its paths are relative to with --images-root")
+    return samples, missing
+
+
 def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), kinds=None,
              subjects=None, batch_size: int = 16, progress: bool = True, diagnostics: bool = True,
              predictions: list | None = None) -> dict:
@@ -87,11 +110,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     features know, and how much of it the writing keeps; and the read-out on chimeric faces: whether the LLM
     reads each AU's token or the face as a whole. `predictions`, a list, receives one row per image and format
     (see prediction_row): what the model wrote for each face, parsed, beside its labels."""
-    samples = read_manifests(manifest, images_root, kinds=kinds)
-    if kinds is None:
-        samples = [s for s in samples if s.kind != "near_peak"]
-    if subjects:
-        samples = [s for s in samples if s.subject in set(subjects)]
+    samples, missing = scored_samples(manifest, images_root, kinds, subjects)
     aus = analyzer.aus
     detected, faces, detect_seconds, undetected = [], [], 0.0, []  # undetected: (sample, reason)
     for sample in tqdm(samples, desc="detect", disable=not progress, unit="img"):
@@ -109,6 +128,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     report = {"images": len(samples), "faces_detected": len(detected),
               "detection_rate": round(len(detected) / len(samples), 4),
               "undetected": [{"path": str(s.path), "reason": reason} for s, reason in undetected[:50]],
+              "missing_images": len(missing), "missing_examples": [str(s.path) for s in missing[:20]],
               "aus": list(aus), "subjects": sorted({s.subject for s in samples}), "formats": {}}
     presence_by_format = {}
     for format_name in formats:

@@ -262,3 +262,39 @@ def test_running_app_answers_bad_uploads_plainly(battery, app_server, name):
         assert status.startswith("Found 1 face") and text
     else:
         assert expect.words.split("(")[0].strip() in status and "/tmp" not in status and text == ""
+
+
+def test_evaluate_refuses_what_it_cannot_score_before_the_model_loads(tmp_path, capsys, monkeypatch):
+    from aullava import cli, service
+
+    monkeypatch.setattr(service, "Analyzer", lambda *a, **k: pytest.fail("the model was loaded"))
+    rows = [{"path": f"img{i}.png", "subject": "S1", "aus": "12", "kind": "peak"} for i in range(3)]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    (tmp_path / "img0.png").write_bytes(b"")
+    bom = tmp_path / "excel.csv"
+    bom.write_text(manifest.read_text(), encoding="utf-8-sig")  # saved by Excel: starts with a byte-order mark
+    cases = [
+        (["--manifest", str(manifest), "--images-root", str(tmp_path / "elsewhere")], "none of the manifest's 3 images"),
+        (["--manifest", str(manifest), "--subjects", "S1,S123"], "subject(s) S123 have no rows"),
+        (["--manifest", str(tmp_path)], "is a folder"),
+        (["--manifest", str(bom), "--out", str(tmp_path)], "--out"),
+        (["--manifest", str(manifest), "--predictions", str(tmp_path / "no" / "p.csv")], "the folder"),
+    ]
+    for flags, words in cases:
+        out = ["--out", str(tmp_path / "metrics.json")] if "--out" not in flags else []
+        assert cli.main(["evaluate", *flags, *out]) == 2, flags
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, (flags, err)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_analyze_refuses_an_unwritable_output_before_any_work(tmp_path, capsys, monkeypatch):
+    from aullava import cli, service
+
+    monkeypatch.setattr(service, "get_analyzer", lambda *a, **k: pytest.fail("the model was loaded"))
+    image = tmp_path / "face.jpg"
+    image.write_bytes(b"")
+    rows = tmp_path / "rows.csv"
+    assert cli.main(["analyze", str(image), "--csv", str(rows), "--jsonl", str(tmp_path / "no" / "x.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "--jsonl" in err and "does not exist" in err and not rows.exists()

@@ -71,10 +71,13 @@ def _parse_intensities(text: str, row: int) -> dict:
 def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
     """Rows of a manifest CSV; image paths resolved against images_root (default: the CSV's folder)."""
     path = Path(path)
+    if path.is_dir():
+        raise ManifestError(f"manifest {path} is a folder: give the CSV file (`python -m aullava manifest` writes "
+                            "one for a dataset folder)")
     if not path.is_file():
         raise ManifestError(f"manifest {path} does not exist")
     root = Path(images_root) if images_root else path.parent
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:  # -sig: a CSV saved by Excel starts with a BOM
         reader = csv.DictReader(handle)
         missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
         if missing:
