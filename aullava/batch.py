@@ -22,22 +22,29 @@ from .video import DEFAULT_FPS, VIDEO_SUFFIXES, FaceTracker, is_video, read_fram
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
 
 
-def expand_inputs(items) -> list[Path]:
-    """Files as given; folders replaced by their image and video files (sorted, not recursive)."""
+def expand_inputs(items, skipped: list | None = None) -> list[Path]:
+    """Files as given; folders replaced by their image and video files (sorted, not recursive). What a folder
+    holds besides (other files, subfolders) is appended to `skipped`, so that callers can say so."""
     paths = []
     for item in items:
         path = Path(item)
         if path.is_dir():
-            paths += sorted(p for p in path.iterdir()
-                            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES)
+            for entry in sorted(path.iterdir()):
+                if entry.is_file() and entry.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES:
+                    paths.append(entry)
+                elif skipped is not None:
+                    skipped.append(entry)
         else:
             paths.append(path)
     return paths
 
 
+BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")  # the face's box in pixels (py-feat's FaceRect)
+
+
 def csv_columns(aus) -> list[str]:
     codes = [fmt_lib.au_code(a) for a in aus]
-    return (["file", "frame", "face_id", "timestamp", "confidence", "success", "reason"]
+    return (["file", "frame", "face_id", "timestamp", "confidence", "success", "reason"] + list(BOX_COLUMNS)
             + [f"{c}_r" for c in codes] + [f"{c}_c" for c in codes] + ["format", "text"])
 
 
@@ -81,8 +88,10 @@ def _face_rows(outcome, base: dict, face_ids=None) -> list[dict]:
     rows = []
     for position, face in enumerate(outcome.faces):
         face_id = face.face.index if face_ids is None else face_ids[position]
+        x0, y0, x1, y1 = (round(float(v), 1) for v in face.face.box)
         row = {**base, "face_id": face_id, "confidence": round(float(face.face.score), 4),
-               "success": 0 if face.error else 1, "reason": face.error or "", "text": face.text}
+               "success": 0 if face.error else 1, "reason": face.error or "", "text": face.text,
+               **dict(zip(BOX_COLUMNS, (x0, y0, round(x1 - x0, 1), round(y1 - y0, 1))))}
         if face.result is not None:
             for a in face.result.aus:
                 code = fmt_lib.au_code(a)

@@ -40,9 +40,16 @@ def _analyze(args) -> int:
     fmt_lib.get_format(args.format)
     if args.fps is not None and args.fps <= 0:
         raise ValueError(f"--fps must be positive, got {args.fps}")
+    if args.gather_every < 1:
+        raise ValueError(f"--gather-every must be at least 1, got {args.gather_every}")
     for path, option in ((args.csv, "--csv"), (args.jsonl, "--jsonl"), (args.plot, "--plot")):
         _writable(path, option)
-    images = expand_inputs(args.images)
+    skipped = []
+    images = expand_inputs(args.images, skipped)
+    if skipped:
+        names = ", ".join(p.name + ("/" if p.is_dir() else "") for p in skipped[:10])
+        print(f"skipped {len(skipped)} folder entr{'y' if len(skipped) == 1 else 'ies'} that are neither images nor "
+              f"videos (subfolders are not searched): {names}{', ...' if len(skipped) > 10 else ''}", file=sys.stderr)
     if not images:
         raise ValueError(f"no image or video files in {', '.join(args.images)}")
     if launched():

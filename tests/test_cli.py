@@ -58,3 +58,5 @@ def test_analyze_a_folder_to_openface_style_csv_keeps_every_image(capsys, tmp_pa
     assert (face["AU12_c"] == 1) == (face["AU12_r"] > 0)
     assert len(lines.read_text().splitlines()) == 3
     assert "3 image(s), 1 face(s) analysed, 2 without a result" in err
+    assert "skipped 1 folder entry" in err and "readme.txt" in err
+    assert face["face_width"] > 50 and face["face_height"] > 50 and face["face_x"] >= 0
