@@ -82,7 +82,8 @@ def _analyze(args) -> int:
             outcome = analyzer.analyze(image, args.format)
         except FaceError as error:
             failed += 1
-            print(f"{image}: {error}", file=sys.stderr)
+            message = str(error)
+            print(message if image in message else f"{image}: {message}", file=sys.stderr)  # the file named once
             if args.json:
                 print(json.dumps({"image": image, "error": str(error)}))
             continue

@@ -27,6 +27,8 @@ def test_analyze_reports_every_face_and_keeps_going_past_bad_files(capsys, tmp_p
     x0, y0, x1, y1 = face["box"]
     assert 0 <= x0 < x1 <= 572 and 0 <= y0 < y1 <= 562
     assert "not an image" in err and "No face was found" in err
+    notes = next(line for line in err.splitlines() if "not an image" in line)
+    assert notes.count("notes.jpg") == 1, notes  # the file named once, not "path: path is ..."
 
 
 @needs(SMOKE)
