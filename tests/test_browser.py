@@ -84,6 +84,14 @@ def test_page_after_analysis_shows_image_text_chart_and_chat(server, tmp_path): 
 STATUS = "(document.querySelector('#aullava-status') || {innerText: ''}).innerText"
 
 
+def _pick_file(browser, url: str, path):
+    """Open the plain page and pick `path` in the face input, as a person would."""
+    browser.open(url)
+    assert browser.wait_for("!!document.querySelector('#aullava-input input[type=file]')", timeout=60)
+    time.sleep(1)  # the page's load event has run
+    browser.set_files("#aullava-input input[type=file]", [path])
+
+
 def test_a_file_that_is_not_an_image_gets_a_sentence_in_the_page(server, tmp_path):  # noqa: F811
     """Picked in the page as a person would (the plain page, no ?example): the status says what is wrong and no
     output shows Gradio's bare error badge."""
@@ -91,10 +99,7 @@ def test_a_file_that_is_not_an_image_gets_a_sentence_in_the_page(server, tmp_pat
     notes.write_text("not an image, just a text file with an image suffix")
     browser = Browser(CHROMIUM, 1280, 800)
     try:
-        browser.open(server["url"])
-        assert browser.wait_for("!!document.querySelector('#aullava-input input[type=file]')", timeout=60)
-        time.sleep(1)  # the page's load event has run
-        browser.set_files("#aullava-input input[type=file]", [notes])
+        _pick_file(browser, server["url"], notes)
         status = browser.wait_for(f"/not an image|could not be read/.test({STATUS}) ? {STATUS} : null", timeout=120)
         shown = browser.evaluate(STATUS)
         errors = browser.evaluate("document.querySelectorAll('.error, .validation-error').length")
@@ -112,10 +117,7 @@ def test_a_question_asked_while_the_photo_is_analysed_stays_in_the_chat(server, 
 
     browser = Browser(CHROMIUM, 1280, 800)
     try:
-        browser.open(server["url"])
-        assert browser.wait_for("!!document.querySelector('#aullava-input input[type=file]')", timeout=60)
-        time.sleep(1)
-        browser.set_files("#aullava-input input[type=file]", [grace_hopper_path()])
+        _pick_file(browser, server["url"], grace_hopper_path())
         asked = browser.evaluate("""(() => {
           const box = document.querySelector('#aullava-question textarea');
           const setter = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set;
