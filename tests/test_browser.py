@@ -118,6 +118,9 @@ def test_a_question_asked_while_the_photo_is_analysed_stays_in_the_chat(server, 
     browser = Browser(CHROMIUM, 1280, 800)
     try:
         _pick_file(browser, server["url"], grace_hopper_path())
+        # the upload has landed (a new face clears the chat, as it should): ask now, while the analysis runs
+        assert browser.wait_for("!!document.querySelector('#aullava-input img')", timeout=60)
+        time.sleep(1)
         asked = browser.evaluate("""(() => {
           const box = document.querySelector('#aullava-question textarea');
           const setter = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set;
