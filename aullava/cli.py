@@ -85,7 +85,7 @@ def _analyze(args) -> int:
             message = str(error)
             print(message if image in message else f"{image}: {message}", file=sys.stderr)  # the file named once
             if args.json:
-                print(json.dumps({"image": image, "error": str(error)}))
+                print(json.dumps({"image": image, "error": message}))
             continue
         if args.json:
             print(json.dumps({"image": image, "faces": [f.to_dict() for f in outcome.faces],
