@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -138,12 +139,21 @@ def video_rows(analyzer, path: Path, format_name: str, fps: float | None = DEFAU
         yield [failure_row({**base, "frame": "", "timestamp": ""}, str(error))]
 
 
+STDOUT = "-"  # as an output path: standard output, so rows can be piped (`--csv - | ...`)
+
+
+def _open_output(path, **options):
+    if not path:
+        return None
+    return sys.stdout if str(path) == STDOUT else open(path, "w", **options)
+
+
 class RowWriter:
     """Writes rows to a CSV (the columns of `csv_columns`) and/or JSON lines, flushing after each group."""
 
     def __init__(self, aus, csv_path=None, jsonl_path=None):
-        self.csv_file = open(csv_path, "w", newline="") if csv_path else None
-        self.json_file = open(jsonl_path, "w") if jsonl_path else None
+        self.csv_file = _open_output(csv_path, newline="")
+        self.json_file = _open_output(jsonl_path)
         self.writer = csv.DictWriter(self.csv_file, csv_columns(aus), restval="") if self.csv_file else None
         if self.writer:
             self.writer.writeheader()
@@ -160,7 +170,7 @@ class RowWriter:
 
     def close(self):
         for handle in (self.csv_file, self.json_file):
-            if handle:
+            if handle and handle is not sys.stdout:
                 handle.close()
 
 

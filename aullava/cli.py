@@ -9,10 +9,17 @@ import time
 from pathlib import Path
 
 
-def _writable(path, option: str):
-    """Refuse an output path that cannot be written before any work is done; the message names the option."""
+def _writable(path, option: str, stdout_ok: bool = False):
+    """Refuse an output path that cannot be written before any work is done; the message names the option.
+    `-` means standard output where `stdout_ok`, and is refused elsewhere rather than made a file named `-`."""
+    from .batch import STDOUT
+
     if not path:
         return
+    if path == STDOUT:
+        if stdout_ok:
+            return
+        raise ValueError(f"{option} cannot write to standard output (-): give a file name")
     target = Path(path)
     if target.is_dir():
         raise ValueError(f"{option} {path} is a folder: give a file name")
@@ -33,7 +40,7 @@ def _analyze(args) -> int:
     from .face import FaceError
     from .service import get_analyzer
 
-    from .batch import analyze_batch, expand_inputs
+    from .batch import STDOUT, analyze_batch, expand_inputs
     from .distributed import analyze_sharded, launched
     from .video import is_video
 
@@ -42,8 +49,11 @@ def _analyze(args) -> int:
         raise ValueError(f"--fps must be positive, got {args.fps}")
     if args.gather_every < 1:
         raise ValueError(f"--gather-every must be at least 1, got {args.gather_every}")
-    for path, option in ((args.csv, "--csv"), (args.jsonl, "--jsonl"), (args.plot, "--plot")):
-        _writable(path, option)
+    for path, option in ((args.csv, "--csv"), (args.jsonl, "--jsonl")):
+        _writable(path, option, stdout_ok=True)
+    _writable(args.plot, "--plot")
+    if args.csv == args.jsonl == STDOUT:
+        raise ValueError("--csv - and --jsonl - would both write to standard output: send one of them to a file")
     skipped = []
     images = expand_inputs(args.images, skipped)
     if skipped:
@@ -302,8 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("images", nargs="+", help="image or video files and/or folders of them")
     analyze.add_argument("--format", default="list", choices=format_names())
     analyze.add_argument("--json", action="store_true", help="one JSON line per image")
-    analyze.add_argument("--csv", help="write OpenFace-style rows (one per face; failures as success=0) here")
-    analyze.add_argument("--jsonl", help="write the same rows as JSON lines here")
+    analyze.add_argument("--csv", help="write OpenFace-style rows (one per face; failures as success=0) here (- for standard output)")
+    analyze.add_argument("--jsonl", help="write the same rows as JSON lines here (- for standard output)")
     analyze.add_argument("--fps", type=float, default=5.0, help="frames analysed per second of video (default 5)")
     analyze.add_argument("--plot", help="save each video's AU time series to this PNG")
     analyze.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")

@@ -298,3 +298,17 @@ def test_analyze_refuses_an_unwritable_output_before_any_work(tmp_path, capsys, 
     assert cli.main(["analyze", str(image), "--csv", str(rows), "--jsonl", str(tmp_path / "no" / "x.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "--jsonl" in err and "does not exist" in err and not rows.exists()
+
+
+def test_analyze_refuses_a_dash_where_standard_output_cannot_serve(tmp_path, capsys, monkeypatch):
+    from aullava import cli, service
+
+    monkeypatch.setattr(service, "get_analyzer", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.chdir(tmp_path)
+    image = tmp_path / "face.jpg"
+    image.write_bytes(b"")
+    for flags, words in ((["--csv", "-", "--jsonl", "-"], "both write to standard output"),
+                         (["--plot", "-"], "--plot cannot write to standard output")):
+        assert cli.main(["analyze", str(image), *flags]) == 2, flags
+        assert words in capsys.readouterr().err, flags
+    assert not (tmp_path / "-").exists()

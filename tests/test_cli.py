@@ -62,3 +62,20 @@ def test_analyze_a_folder_to_openface_style_csv_keeps_every_image(capsys, tmp_pa
     assert "3 image(s), 1 face(s) analysed, 2 without a result" in err
     assert "skipped 1 folder entry" in err and "readme.txt" in err
     assert face["face_width"] > 50 and face["face_height"] > 50 and face["face_x"] >= 0
+
+
+@needs(SMOKE)
+def test_analyze_csv_dash_writes_the_rows_to_standard_output(capsys, tmp_path, monkeypatch):
+    import io
+
+    import pandas as pd
+
+    from aullava.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    code = main(["analyze", str(SMOKE / "single_face.jpg"), "--format", "list", "--csv", "-"])
+    out, err = capsys.readouterr()
+    assert code == 0 and not (tmp_path / "-").exists()
+    table = pd.read_csv(io.StringIO(out))  # nothing but the rows on stdout: it can be piped
+    assert len(table) == 1 and table["success"][0] == 1 and "AU12_c" in table.columns
+    assert "1 image(s), 1 face(s) analysed" in err
