@@ -62,7 +62,7 @@ class BatchSummary:
         media = f"{self.images} image(s)" + (f", {self.video_frames} frame(s) of {self.videos} video(s)"
                                              if self.videos else "")
         text = f"{media}, {self.faces} face(s) analysed, {len(self.failed)} without a result"
-        return text + "".join(f"\n  {name}: {reason}" for name, reason in self.failed[:20])
+        return text + "".join(f"\n  {failure_line(place, reason)}" for place, reason in self.failed[:20])
 
     def begin(self, path):
         """Counts one input (an image or a video) about to be analysed."""
@@ -78,7 +78,22 @@ class BatchSummary:
             self.video_frames += rows[0]["frame"] != ""
         self.faces += sum(1 for r in rows if r["face_id"] != "")
         if rows[0]["face_id"] == "":
-            self.failed.append((f"{path} frame {rows[0]['frame']}" if is_video(path) else str(path), rows[0]["reason"]))
+            self.failed.append((failure_place(path, rows[0]), rows[0]["reason"]))
+
+
+def failure_place(path, row: dict) -> str:
+    """The file, and the video frame where the row has one (a video that cannot be opened has none)."""
+    return f"{path} frame {row['frame']}" if is_video(path) and row["frame"] != "" else str(path)
+
+
+def failure_line(place: str, reason: str) -> str:
+    """`place: reason`, the file named once: reasons about a whole file begin with its name ("x.jpg is not an
+    image", "clip.mp4: not a video ..."), which the place then stands in for."""
+    path = place.split(" frame ")[0]
+    for name in (path, Path(path).name):
+        if reason.startswith(name):
+            return place + reason[len(name):]
+    return f"{place}: {reason}"
 
 
 def failure_row(base: dict, reason: str) -> dict:

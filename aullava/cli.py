@@ -40,7 +40,7 @@ def _analyze(args) -> int:
     from .face import FaceError
     from .service import get_analyzer
 
-    from .batch import STDOUT, analyze_batch, expand_inputs
+    from .batch import STDOUT, analyze_batch, expand_inputs, failure_line
     from .distributed import analyze_sharded, launched
     from .video import is_video
 
@@ -93,7 +93,7 @@ def _analyze(args) -> int:
         except FaceError as error:
             failed += 1
             message = str(error)
-            print(message if image in message else f"{image}: {message}", file=sys.stderr)  # the file named once
+            print(failure_line(image, message), file=sys.stderr)
             if args.json:
                 print(json.dumps({"image": image, "error": message}))
             continue
@@ -124,7 +124,7 @@ def _print_rate(inputs: int, seconds: float, processes: int, per_process: list):
 
 def _print_video(analyzer, video: str, args) -> int:
     """Prints a line (or a JSON row) per sampled frame and face; returns the number of frames without a result."""
-    from .batch import video_rows
+    from .batch import failure_line, failure_place, video_rows
 
     failed = 0
     for rows in video_rows(analyzer, video, args.format, args.fps, progress=False):
@@ -133,7 +133,7 @@ def _print_video(analyzer, video: str, args) -> int:
                 print(json.dumps(row))
             if not row["success"]:
                 failed += 1
-                print(f"{video} frame {row['frame']}: {row['reason']}", file=sys.stderr)
+                print(failure_line(failure_place(video, row), row["reason"]), file=sys.stderr)
             elif not args.json:
                 active = [key[:-2] for key, value in row.items() if key.endswith("_c") and value]
                 print(f"{video} t={row['timestamp']:.2f}s frame {row['frame']} face {row['face_id']}: "
@@ -148,6 +148,9 @@ def _plot_videos(summary, aus, target: str):
         raise ValueError("--plot draws the AU time series of videos, and no video was given")
     target = Path(target)
     for video, rows in summary.video_rows.items():
+        if not any(row["success"] for row in rows):
+            print(f"no time series of {video}: no sampled frame has a result", file=sys.stderr)
+            continue
         path = target if len(summary.video_rows) == 1 else target.with_name(f"{target.stem}-{Path(video).stem}{target.suffix}")
         au_time_series(rows, aus, title=Path(video).name).save(path)
         print(f"time series of {video} written to {path}", file=sys.stderr)

@@ -56,7 +56,8 @@ def _open(path):
     try:
         container = av.open(str(path))
     except (av.error.FFmpegError, OSError, ValueError) as error:
-        raise VideoReadError(f"{path.name}: not a video that can be decoded ({error})") from error
+        reason = getattr(error, "strerror", None) or str(error)  # FFmpeg's words, without its errno and the path
+        raise VideoReadError(f"{path.name}: not a video that can be decoded ({reason})") from error
     if not container.streams.video:
         container.close()
         raise VideoReadError(f"{path.name}: the file has no video stream")

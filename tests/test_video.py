@@ -56,8 +56,22 @@ def test_files_that_are_not_videos_give_a_clear_error(tmp_path, face_video):
     truncated = tmp_path / "truncated.mp4"
     truncated.write_bytes(face_video.read_bytes()[:2000])
     for path in (text, truncated, tmp_path / "missing.mp4"):
-        with pytest.raises(VideoReadError, match=path.name):
+        with pytest.raises(VideoReadError, match=path.name) as caught:
             list(read_frames(path))
+        assert "Errno" not in str(caught.value) and str(tmp_path) not in str(caught.value)  # FFmpeg's words only
+
+
+def test_a_file_that_is_not_a_video_is_named_once_and_gets_no_empty_plot(tmp_path, capsys):
+    from aullava.cli import main
+
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video")
+    plot = tmp_path / "series.png"
+    assert main(["analyze", str(text), "--csv", str(tmp_path / "aus.csv"), "--plot", str(plot)]) == 1
+    err = capsys.readouterr().err
+    failure = next(line for line in err.splitlines() if "not a video" in line)
+    assert failure.strip() == f"{text}: not a video that can be decoded (Invalid data found when processing input)"
+    assert "frame :" not in err and "no time series of" in err and not plot.exists()
 
 
 def test_tracker_keeps_ids_across_frames():
