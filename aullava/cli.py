@@ -284,6 +284,11 @@ def _manifest(args) -> int:
     options = {"frames": args.frames} if args.frames else {}
     if args.frames and args.dataset != "disfa":
         raise ValueError("--frames applies to DISFA only")
+    root = Path(args.root)
+    if not root.is_dir():
+        raise ValueError(f"--root {args.root} " + ("is a file: give the dataset's folder" if root.exists()
+                                                    else "does not exist"))
+    _writable(args.out, "--out")
     samples, problems = READERS[args.dataset](args.root, **options)
     if not samples:
         raise ValueError(f"no labelled image found in {args.root}" + (f"; first problem: {problems[0]}" if problems else ""))

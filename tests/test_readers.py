@@ -116,3 +116,16 @@ def test_manifest_command_writes_a_readable_csv_and_reports_problems(tmp_path, c
     (sample,) = read_manifest(out)
     assert sample.aus == {1} and sample.unknown == {12} and sample.path == out.parent / "BP4D/2DFaces/M002/T8/1.jpg"
     assert main(["manifest", "--dataset", "disfa", "--root", str(root), "--out", str(out)]) == 2
+
+
+def test_manifest_command_names_a_missing_root_or_output_folder(tmp_path, capsys):
+    from aullava.cli import main
+
+    afile = tmp_path / "notes.txt"
+    afile.write_text("x")
+    for root, out, words in ((tmp_path / "nowhere", tmp_path / "m.csv", "--root {} does not exist"),
+                             (afile, tmp_path / "m.csv", "--root {} is a file"),
+                             (tmp_path, tmp_path / "no" / "m.csv", "--out {}: the folder")):
+        assert main(["manifest", "--dataset", "ckplus", "--root", str(root), "--out", str(out)]) == 2
+        named = out if words.startswith("--out") else root
+        assert words.format(named) in capsys.readouterr().err
