@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -390,9 +391,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrLines(logging.Handler):
+    """aullava's log records as plain lines on the stderr of the moment (a test's captured one included)."""
+
+    def emit(self, record):
+        try:
+            print(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - as logging's own handlers do: a log line never stops the work
+            self.handleError(record)
+
+
+def _quiet_weight_loading():
+    """aullava's own lines on loading (which source, how long) instead of transformers' bar over the ~270
+    tensors of each model load: noise between a command's own lines. That switch also turns off
+    huggingface_hub's bars, which a first download from the hub needs: they are turned back on."""
+    from huggingface_hub import utils as hub_utils
+    from transformers.utils import logging as transformers_logging
+
+    package = logging.getLogger("aullava")
+    if not any(isinstance(h, _StderrLines) for h in package.handlers):
+        package.addHandler(_StderrLines())
+        package.setLevel(logging.INFO)
+    hub_bars = not hub_utils.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    if hub_bars:
+        hub_utils.enable_progress_bars()
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _quiet_weight_loading()
         return args.run(args)
     except (ValueError, OSError, RuntimeError) as error:
         print(f"error: {error}", file=sys.stderr)

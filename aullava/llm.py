@@ -453,6 +453,8 @@ def _load_from(source: str, model_id: str, dtype, cache_dir):
         from transformers import GgufConfig
 
         folder, name = packaged_gguf()
+        logger.info("first use of %s: dequantizing its packaged GGUF once (~15 s); later loads read the cache",
+                    model_id)
         # dequantize=True: a dense model straight away, without looking for a GGUF matmul kernel on the hub.
         with _faster_gguf_loading():
             gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -501,7 +503,10 @@ def load_base_llm(model_id: str = DEFAULT_MODEL_ID, dtype: torch.dtype | None = 
             try:
                 model, tokenizer = _load_from(source, model_id, dtype, cache_dir)
             except Exception as error:  # noqa: BLE001 - every failure is reported in the error below
-                logger.info("base LLM %s: source %s failed: %s", model_id, source, _describe(error))
+                if source == "cache" and isinstance(error, FileNotFoundError):  # the first use: expected
+                    logger.info("base LLM %s: no cached copy yet", model_id)
+                else:
+                    logger.info("base LLM %s: source %s failed: %s", model_id, source, _describe(error))
                 errors.append((source, _describe(error)))
                 continue
             model = _finish(model, tokenizer, dtype)

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import threading
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -175,7 +176,8 @@ class AULlava(nn.Module):
 
         if hasattr(self.llm, "peft_config"):
             return
-        self.llm = get_peft_model(self.llm, LoraConfig(task_type="CAUSAL_LM", **self.config.lora))
+        with _peft_quietly():
+            self.llm = get_peft_model(self.llm, LoraConfig(task_type="CAUSAL_LM", **self.config.lora))
         self.invalidate_prefix_cache()
 
     def encode(self, text: str) -> list[int]:
@@ -823,6 +825,15 @@ def check_checkpoint_files(path: Path) -> dict:
     return config
 
 
+@contextlib.contextmanager
+def _peft_quietly():
+    """peft 0.21 asks transformers 5 for a property it has deprecated: a FutureWarning on every load that no
+    user of aullava can act on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def from_pretrained(name_or_path, llm=None, tokenizer=None, dtype=None, merge: bool = False,
                     base_llm: str | None = None) -> AULlava:
     """Load a checkpoint folder or hub repo. `merge=True` folds LoRA into a private copy of the base LLM
@@ -860,7 +871,8 @@ def from_pretrained(name_or_path, llm=None, tokenizer=None, dtype=None, merge: b
         from peft import PeftModel
 
         try:
-            model.llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
+            with _peft_quietly():
+                model.llm = PeftModel.from_pretrained(llm, str(adapter), is_trainable=False)
         except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
             raise ValueError(f"checkpoint {path}: the LoRA adapter does not load onto {config.base_llm} "
                              f"({str(error).splitlines()[0]})") from None
