@@ -112,7 +112,7 @@ def _analyze(args) -> int:
                 failed += 1
                 continue
             active = face.result.active
-            levels = ", ".join(f"AU{a}" + (f"={face.result.intensity[a]:g}" if face.result.intensity.get(a) is not None else "")
+            levels = ", ".join(fmt_lib.au_code(a) + (f"={face.result.intensity[a]:g}" if face.result.intensity.get(a) is not None else "")
                                for a in active)
             print(f"    active AUs: {levels or 'none'}")
     return 1 if failed else 0
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--subjects", help="only these subjects, comma-separated")
     evaluate.add_argument("--out", required=True)
     evaluate.add_argument("--predictions", help="also write a CSV row per image and format: the model's text, the "
-                          "presence (AUn_pred) and intensity (AUn_intensity) it implies per AU, and the label (AUn_true)")
+                          "presence (AU01_pred ...) and intensity (AU01_intensity ...) it implies per AU, and the label (AU01_true ...)")
     evaluate.add_argument("--no-speculate", action="store_true",
                           help="write every answer one decision per LLM pass, without verifying the encoder "
                                "head's draft (slower; the same answers up to float rounding)")

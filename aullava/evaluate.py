@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from .data.manifest import ManifestError, presence_labels, read_manifests
 from .face import FaceError, load_image
+from .formats import au_code
 
 MIN_POSITIVES = 10  # AUs with fewer positives are listed but left out of macro F1
 EVAL_KINDS = ("peak", "neutral")  # CK+'s coded frames; near_peak frames carry the peak's labels uncoded
@@ -176,15 +177,17 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
 
 def prediction_row(sample, format_name, aus, text, error, result) -> dict:
     """One image's answer in one format beside its labels: `AUn_true` (1, 0, or empty where the label is not
-    known), `AUn_pred` (1 or 0 as the parsed answer implies) and `AUn_intensity` (where the format writes one);
-    empty where nothing was parsed."""
+    known), `AUn_pred` (1 or 0 as the parsed answer implies) and `AUn_intensity` (where the format writes one),
+    n in two digits as the model writes it and OpenFace names its columns (AU01_true); empty where nothing was
+    parsed."""
     row = {"path": str(sample.path), "subject": sample.subject, "kind": sample.kind, "format": format_name,
            "text": text, "error": error or ""}
     for a in aus:
-        row[f"AU{a}_true"] = int(a in sample.aus) if sample.is_known(a) else ""
-        row[f"AU{a}_pred"] = "" if result is None else int(bool(result.present[a]))
+        code = au_code(a)
+        row[f"{code}_true"] = int(a in sample.aus) if sample.is_known(a) else ""
+        row[f"{code}_pred"] = "" if result is None else int(bool(result.present[a]))
         level = None if result is None else result.intensity.get(a)
-        row[f"AU{a}_intensity"] = "" if level is None else level
+        row[f"{code}_intensity"] = "" if level is None else level
     return row
 
 

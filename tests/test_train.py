@@ -8,7 +8,7 @@ import torch
 
 from aullava.data.faces import face_batch
 from aullava.data.manifest import read_manifests
-from aullava.formats import get_format
+from aullava.formats import au_code, get_format
 from aullava.train import Trainer, TrainConfig
 
 TINY_MODEL = {"aus": (1, 2, 4, 6, 7, 12, 25),
@@ -140,11 +140,11 @@ def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
         sample = labels[row["path"]]
         parsed = get_format(row["format"]).parse(row["text"], TINY_MODEL["aus"])
         for a in TINY_MODEL["aus"]:
-            assert row[f"AU{a}_pred"] == str(int(parsed.present[a]))
-            assert row[f"AU{a}_true"] == (str(int(a in sample.aus)) if sample.is_known(a) else "")
+            assert row[f"{au_code(a)}_pred"] == str(int(parsed.present[a]))
+            assert row[f"{au_code(a)}_true"] == (str(int(a in sample.aus)) if sample.is_known(a) else "")
     for name, metrics in report["formats"].items():  # the rows hold what the metrics count
         for a in TINY_MODEL["aus"]:
-            tp = sum(r[f"AU{a}_pred"] == r[f"AU{a}_true"] == "1" for r in rows if r["format"] == name)
+            tp = sum(r[f"{au_code(a)}_pred"] == r[f"{au_code(a)}_true"] == "1" for r in rows if r["format"] == name)
             assert tp == metrics["per_au"][f"AU{a}"]["tp"]
     for name in ("list", "binary", "json"):
         metrics = report["formats"][name]
