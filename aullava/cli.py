@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze = commands.add_parser("analyze", help="the AUs of every face in images, folders or videos")
     analyze.add_argument("images", nargs="+", help="image or video files and/or folders of them")
     analyze.add_argument("--format", default="list", choices=format_names())
-    analyze.add_argument("--json", action="store_true", help="one JSON line per image")
+    analyze.add_argument("--json", action="store_true",
+                         help="one JSON line per image (its faces: box, text, parsed AUs); a video gives one per "
+                              "sampled frame and face in the rows' schema, which --jsonl - gives for images too")
     analyze.add_argument("--csv", help="write OpenFace-style rows (one per face; failures as success=0) here (- for standard output)")
     analyze.add_argument("--jsonl", help="write the same rows as JSON lines here (- for standard output)")
     analyze.add_argument("--fps", type=float, default=5.0, help="frames analysed per second of video (default 5)")
