@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 from tqdm import tqdm
 
 from . import formats as fmt_lib
@@ -41,12 +42,14 @@ def expand_inputs(items, skipped: list | None = None) -> list[Path]:
 
 
 BOX_COLUMNS = ("face_x", "face_y", "face_width", "face_height")  # the face's box in pixels (py-feat's FaceRect)
+# dlib's 68 landmarks in image pixels, named as OpenFace names its 2D landmark columns
+LANDMARK_COLUMNS = tuple(f"x_{i}" for i in range(68)) + tuple(f"y_{i}" for i in range(68))
 
 
 def csv_columns(aus) -> list[str]:
     codes = [fmt_lib.au_code(a) for a in aus]
     return (["file", "frame", "face_id", "timestamp", "confidence", "success", "reason"] + list(BOX_COLUMNS)
-            + [f"{c}_r" for c in codes] + [f"{c}_c" for c in codes] + ["format", "text"])
+            + [f"{c}_r" for c in codes] + [f"{c}_c" for c in codes] + ["format", "text"] + list(LANDMARK_COLUMNS))
 
 
 @dataclass
@@ -107,7 +110,8 @@ def _face_rows(outcome, base: dict, face_ids=None) -> list[dict]:
         x0, y0, x1, y1 = (round(float(v), 1) for v in face.face.box)
         row = {**base, "face_id": face_id, "confidence": round(float(face.face.score), 4),
                "success": 0 if face.error else 1, "reason": face.error or "", "text": face.text,
-               **dict(zip(BOX_COLUMNS, (x0, y0, round(x1 - x0, 1), round(y1 - y0, 1))))}
+               **dict(zip(BOX_COLUMNS, (x0, y0, round(x1 - x0, 1), round(y1 - y0, 1)))),
+               **dict(zip(LANDMARK_COLUMNS, np.round(face.face.landmarks.T.reshape(-1).astype(float), 1).tolist()))}
         if face.result is not None:
             for a in face.result.aus:
                 code = fmt_lib.au_code(a)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import formats as fmt_lib
@@ -33,7 +34,9 @@ class FaceResult:
 
     def to_dict(self) -> dict:
         return {"face": self.face.index, "box": [round(float(v), 1) for v in self.face.box],
-                "detection_score": round(float(self.face.score), 3), "format": self.format, "text": self.text,
+                "detection_score": round(float(self.face.score), 3),
+                "landmarks": np.round(self.face.landmarks.astype(float), 1).tolist(),  # dlib's 68, image pixels
+                "format": self.format, "text": self.text,
                 "parse_error": self.error, "aus": self.result.to_dict() if self.result else None}
 
 

@@ -26,6 +26,8 @@ def test_analyze_reports_every_face_and_keeps_going_past_bad_files(capsys, tmp_p
     assert set(face["aus"]) == {f"AU{a:02d}" for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)}
     x0, y0, x1, y1 = face["box"]
     assert 0 <= x0 < x1 <= 572 and 0 <= y0 < y1 <= 562
+    points = face["landmarks"]  # dlib's 68, in the photo's pixels: around the box
+    assert len(points) == 68 and all(x0 - 20 <= x <= x1 + 20 and y0 - 20 <= y <= y1 + 20 for x, y in points)
     assert "not an image" in err and "No face was found" in err
     notes = next(line for line in err.splitlines() if "not an image" in line)
     assert notes.count("notes.jpg") == 1, notes  # the file named once, not "path: path is ..."
@@ -62,6 +64,11 @@ def test_analyze_a_folder_to_openface_style_csv_keeps_every_image(capsys, tmp_pa
     assert "3 image(s), 1 face(s) analysed, 2 without a result" in err
     assert "skipped 1 folder entry" in err and "readme.txt" in err
     assert face["face_width"] > 50 and face["face_height"] > 50 and face["face_x"] >= 0
+    xs, ys = face[[f"x_{i}" for i in range(68)]], face[[f"y_{i}" for i in range(68)]]  # OpenFace's 2D landmarks
+    assert xs.between(face["face_x"] - 20, face["face_x"] + face["face_width"] + 20).all()
+    assert ys.between(face["face_y"] - 20, face["face_y"] + face["face_height"] + 20).all()
+    assert ys["y_8"] > ys["y_27"]  # the chin below the top of the nose
+    assert table["x_0"][1:].isna().all()  # no face, no landmarks
 
 
 @needs(SMOKE)
