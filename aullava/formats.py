@@ -122,7 +122,7 @@ class AUResult:
         return cls(tuple(aus), present, intensity)
 
 
-def _round_half_up(x: float) -> int:
+def round_half_up(x: float) -> int:
     return int(math.floor(x + 0.5))
 
 
@@ -133,7 +133,7 @@ def _level(result: AUResult, a: int) -> int:
     value = result.intensity[a]
     if value is None:
         raise ValueError(f"{au_code(a)} is present but has no intensity; this format writes one")
-    return min(MAX_INTENSITY, max(1, _round_half_up(value)))
+    return min(MAX_INTENSITY, max(1, round_half_up(value)))
 
 
 def _tenths(result: AUResult, a: int) -> int:
@@ -143,7 +143,7 @@ def _tenths(result: AUResult, a: int) -> int:
         if result.present[a]:
             raise ValueError(f"{au_code(a)} is present but has no intensity; this format writes one")
         return 0
-    tenths = _round_half_up(value * 10)
+    tenths = round_half_up(value * 10)
     return min(50, max(5, tenths)) if result.present[a] else min(4, max(0, tenths))
 
 
@@ -190,8 +190,13 @@ class Forced:
 
 @dataclass(frozen=True)
 class Choice:
-    """A point where the LLM picks one of `options` (END = stop here). Options are distinct and prefix-free."""
+    """A point where the LLM picks one of `options` (END = stop here). Options are distinct and prefix-free.
+
+    `mean`: the options are numbers and the decoder reads their mean under the LLM's probabilities instead of
+    the likeliest one: it writes the largest option not above that mean (rounded to tenths) and sends it back
+    as a `MeanOf`, which carries the mean for the plan to write its fraction."""
     options: tuple
+    mean: bool = False
 
     def __post_init__(self):
         options = tuple(self.options)
@@ -213,10 +218,19 @@ class Choice:
 Plan = Iterator  # a generator of Forced / Choice items that receives chosen options via send()
 
 
-def _choose(options):
+class MeanOf(str):
+    """The option a `Choice(mean=True)` wrote, with the mean it stands for."""
+
+    def __new__(cls, option: str, mean: float):
+        chosen = super().__new__(cls, option)
+        chosen.mean = mean
+        return chosen
+
+
+def _choose(options, mean: bool = False):
     """`chosen = yield from _choose(options)` inside a plan: yield a Choice and check what comes back."""
     options = tuple(options)
-    chosen = yield Choice(options)
+    chosen = yield Choice(options, mean)
     if chosen not in options:
         raise ValueError(f"{chosen!r} is not one of the options {options}")
     return chosen
@@ -543,10 +557,14 @@ class ContinuousFormat(_VectorFormat):
         return AUResult(result.aus, {a: values[a] >= self.threshold for a in result.aus}, values)
 
     def _value_plan(self):
-        whole = yield from _choose(tuple(str(d) for d in range(MAX_INTENSITY + 1)))
+        # Read as the mean level under the LLM's probabilities (a value between its levels where it is unsure
+        # which), not the likeliest level: trained on whole CK+ levels, the likeliest tenth is always .0.
+        whole = yield from _choose(tuple(str(d) for d in range(MAX_INTENSITY + 1)), mean=True)
         if whole == str(MAX_INTENSITY):
             yield Forced(".0")
-        else:
+        elif isinstance(whole, MeanOf):
+            yield Forced(f".{round_half_up(whole.mean * 10) - int(whole) * 10}")
+        else:  # a training target: the tenth as written
             yield Forced(".")
             yield from _choose(tuple(str(d) for d in range(10)))
 

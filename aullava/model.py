@@ -593,6 +593,16 @@ class AULlava(nn.Module):
         return [hidden[r, len(p) - 1] for r, p in enumerate(paths)]
 
 
+def _mean_option(options: list[str], log_probs: list[float]) -> tuple[int, "fmt_lib.MeanOf"]:
+    """For numeric options: their mean under the probabilities, and the largest option not above it (the mean
+    rounded to tenths, as it is written), as (its index, `MeanOf`)."""
+    probs = [math.exp(lp) for lp in log_probs]
+    mean = sum(p * float(o) for p, o in zip(probs, options)) / sum(probs)
+    written = fmt_lib.round_half_up(mean * 10) / 10
+    best = max((i for i, o in enumerate(options) if float(o) <= written + 1e-9), key=lambda i: float(options[i]))
+    return best, fmt_lib.MeanOf(options[best], mean)
+
+
 def _padded(sequences: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The sequences right-padded with `pad` into one [rows, longest] tensor, and where it holds real tokens."""
     ids = torch.full((len(sequences), max(1, max(len(s) for s in sequences))), pad, dtype=torch.long)
@@ -628,6 +638,7 @@ class _PlanState:
         self.pieces: list[str] = []
         self.decisions: list[Decision] = []
         self.options = None
+        self.mean = False  # the current choice is read as the mean of its numeric options
         self.node = None
         self.finished = False
 
@@ -643,7 +654,7 @@ class _PlanState:
         except StopIteration:
             self.finished = True
             return
-        self.options = item.options
+        self.options, self.mean = item.options, item.mean
         self.node = model._option_trie(item.options).root
         self._follow()
 
@@ -705,14 +716,18 @@ class _PlanState:
 
         scores = [score(path) for _, path in leaves]
         exact = [s for s, is_exact in scores if is_exact]
-        if not exact or max(exact) < max((s for s, is_exact in scores if not is_exact), default=-math.inf):
+        bounded = max((s for s, is_exact in scores if not is_exact), default=-math.inf)
+        if not exact or max(exact) < bounded or (self.mean and bounded > -math.inf):  # a mean needs them all
             missing = sorted({path[:j] for _, path in leaves for j in range(1, len(path))
                               if path[:j] not in known and _branches(self.node, path[:j]) > 1})
             known.update(zip(missing, look_ahead(missing)))
             scores = [score(path) for _, path in leaves]
-        best = max(range(len(leaves)), key=lambda i: scores[i][0] if scores[i][1] else -math.inf)
-        option, path = leaves[best]
-        self.pending += list(path)
+        if self.mean:
+            best, option = _mean_option([option for option, _ in leaves], [s for s, _ in scores])
+        else:
+            best = max(range(len(leaves)), key=lambda i: scores[i][0] if scores[i][1] else -math.inf)
+            option = leaves[best][0]
+        self.pending += list(leaves[best][1])
         self._complete(model, option, math.exp(scores[best][0]))
 
     def _follow(self):

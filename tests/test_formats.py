@@ -170,6 +170,17 @@ def test_plan_shapes():
     next(plan)
     plan.send(None)
     assert plan.send("5") == F.Forced(".0 AU02:")
+    plan = F.get_format("continuous").plan((1, 2))
+    next(plan)
+    assert plan.send(None) == F.Choice(tuple("012345"), mean=True)  # decoded as the mean of the levels
+    assert plan.send(F.MeanOf("2", 2.37)) == F.Forced(".4 AU02:")  # the decoder's mean: its tenth is written
+    assert plan.send(None) == F.Choice(tuple("012345"), mean=True)
+    assert plan.send(F.MeanOf("0", 0.04)) == F.Forced(".0")
+    plan = F.get_format("continuous").plan((1,))
+    next(plan)
+    plan.send(None)
+    assert plan.send("2") == F.Forced(".")  # a training target: the tenth is one more choice
+    assert plan.send(None) == F.Choice(tuple("0123456789"))
     plan = F.get_format("json").plan((6, 12))
     assert next(plan) == F.Forced('{"active": [')
     assert plan.send(None) == F.Choice(('"AU06"', '"AU12"', "]"))

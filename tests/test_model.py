@@ -1,4 +1,6 @@
 """The model with a tiny random LLM: plan decoding, batching, save/load, answer tokens."""
+import math
+
 import pytest
 import torch
 
@@ -425,3 +427,28 @@ def test_labelled_tokens_follow_their_codes_in_the_prompt(tiny_model):
         assert torch.equal(block[:, at + len(ids)], image[:, k])
         at += len(ids) + 1
     assert block.shape[1] == at
+
+
+def test_mean_option_is_the_levels_mean_written_to_a_tenth():
+    from aullava.model import _mean_option
+
+    levels = [str(d) for d in range(6)]
+    log = [math.log(p) if p else -math.inf for p in (0.0, 0.0, 0.6, 0.4, 0.0, 0.0)]
+    index, chosen = _mean_option(levels, log)
+    assert (index, chosen) == (2, "2") and chosen.mean == pytest.approx(2.4)
+    index, chosen = _mean_option(levels, [math.log(p) for p in (0.02, 0.02, 0.02, 0.02, 0.02, 0.9)])
+    assert chosen == "4" and chosen.mean == pytest.approx(4.7)  # the whole part: the option below the mean
+    index, chosen = _mean_option(levels, [math.log(p) for p in (0.001, 0.001, 0.001, 0.001, 0.001, 0.995)])
+    assert chosen == "5"  # 4.98 is written 5.0
+
+
+def test_continuous_answer_is_the_mean_of_the_llms_level_probabilities(tiny_model):
+    chip, landmarks = _faces(2, seed=5)
+    fmt = fmt_lib.get_format("continuous")
+    for speculate in (True, False):
+        for generation in tiny_model.generate(chip, landmarks, "continuous", speculate=speculate):
+            result = fmt.parse(generation.text, AUS)
+            levels = [d for d in generation.decisions if isinstance(d.chosen, fmt_lib.MeanOf)]
+            assert len(levels) == len(AUS)  # one read per AU, the tenth written from it
+            for a, decision in zip(AUS, levels):
+                assert result.intensity[a] == pytest.approx(min(5.0, fmt_lib.round_half_up(decision.chosen.mean * 10) / 10))
