@@ -157,22 +157,31 @@ def _plot_videos(summary, aus, target: str):
         print(f"time series of {video} written to {path}", file=sys.stderr)
 
 
+def _names(text: str | None) -> tuple | None:
+    """A comma-separated flag's names, without the spaces around them ("S005, S010"); None when not given."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip()) if text else ()
+    return names or None
+
+
 def _manifests(paths: list | None):
     """--manifest as given: one path (as a single dataset's runs record it) or a list of them."""
     return paths[0] if paths and len(paths) == 1 else paths
 
 
 def _evaluate(args) -> int:
+    from .data.manifest import label_warnings
     from .evaluate import MIN_POSITIVES, evaluate, scored_samples
     from .service import Analyzer
 
     manifest = _manifests(args.manifest)
-    kinds = tuple(args.kinds.split(",")) if args.kinds else None
-    subjects = args.subjects.split(",") if args.subjects else None
-    scored_samples(manifest, args.images_root, kinds, subjects)  # a broken manifest is reported before the model loads
+    kinds, subjects = _names(args.kinds), _names(args.subjects)
+    samples, _ = scored_samples(manifest, args.images_root, kinds, subjects)  # refused before the model loads
     _writable(args.out, "--out")
     _writable(args.predictions, "--predictions")
     analyzer = Analyzer(args.checkpoint, speculate=not args.no_speculate)
+    warnings = label_warnings(samples, analyzer.aus, training=False) + _seen_in_training(samples, analyzer)
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     rows = [] if args.predictions else None
     report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects, predictions=rows)
     if rows is not None:
@@ -182,6 +191,8 @@ def _evaluate(args) -> int:
             writer.writerows(rows)
     report["checkpoint"] = str(analyzer.checkpoint)
     report["speculate"] = analyzer.speculate
+    report.update(manifest=manifest, kinds=list(kinds) if kinds else "every kind but near_peak",
+                  min_positives=MIN_POSITIVES, warnings=warnings)
     Path(args.out).write_text(json.dumps(report, indent=2))
     if report["missing_images"]:
         print(f"warning: {report['missing_images']} image(s) of the manifest do not exist (e.g. "
@@ -203,6 +214,17 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _seen_in_training(samples, analyzer) -> list[str]:
+    """A warning when subjects scored are among those the checkpoint learned from: a score on its training
+    faces, not on new people."""
+    trained_on = set((analyzer.model.config.training or {}).get("subjects", ()))
+    seen = sorted({s.subject for s in samples} & trained_on)
+    if not seen:
+        return []
+    return [f"{len(seen)} of the scored subjects ({', '.join(seen[:5])}{', ...' if len(seen) > 5 else ''}) are among "
+            f"the {len(trained_on)} this checkpoint was trained on: their scores are not those of new people"]
+
+
 def _train_config(args, **extra):
     """TrainConfig from --config (if any), overridden by the flags given (unset flags are None)."""
     from .train import train_config
@@ -210,7 +232,7 @@ def _train_config(args, **extra):
     flags = {"manifest": _manifests(args.manifest), "out": args.out, "images_root": args.images_root, "seed": args.seed,
              "encoder_steps": args.encoder_steps, "projector_steps": args.projector_steps,
              "lora_steps": args.lora_steps, "batch_size": args.batch_size, "base_llm": args.base_llm,
-             "kinds": tuple(args.kinds.split(",")) if args.kinds else None, "tiny_llm": args.tiny or None,
+             "kinds": _names(args.kinds), "tiny_llm": args.tiny or None,
              "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
              "boundary_mix": args.boundary_mix, "boundary_gap": args.boundary_gap, "chimera": args.chimera,
              "swap": args.swap, "weak_faces": args.weak_faces}
@@ -220,7 +242,7 @@ def _train_config(args, **extra):
 def _train(args) -> int:
     from .train import Trainer
 
-    held_out = tuple(args.hold_out.split(",")) if args.hold_out else None
+    held_out = _names(args.hold_out)
     path = Trainer(_train_config(args, held_out_subjects=held_out)).run(resume=not args.no_resume)
     print(f"checkpoint written to {path}")
     return 0

@@ -30,7 +30,7 @@ from tqdm import tqdm
 from . import formats as fmt_lib
 from .data.faces import face_batch, prepare_faces
 from .distributed import use_cpu
-from .data.manifest import default_intensities, presence_labels, read_manifests
+from .data.manifest import default_intensities, label_warnings, presence_labels, read_manifests
 from .model import AULlava, AULlavaConfig, save_pretrained
 
 # How often each format is drawn for a training batch.
@@ -281,11 +281,16 @@ class Trainer:
         model_config = AULlavaConfig(base_llm=config.base_llm, **config.model)
         # the data first: a broken manifest or missing images are reported before the LLM loads
         samples = read_manifests(config.manifest, config.images_root, kinds=config.kinds)
-        if config.held_out_subjects:
-            samples = [s for s in samples if s.subject not in set(config.held_out_subjects)]
+        samples = _without_held_out(samples, config.held_out_subjects)
+        missing = [s.path for s in samples if not s.path.is_file()]
+        if len(missing) == len(samples):
+            raise ValueError(f"none of the {len(samples)} training images of {config.manifest} exist (e.g. "
+                             f"{missing[0]}): give the folder its paths are relative to with --images-root")
         self.table = prepare_faces(samples)
         if len(self.table) == 0:
             raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
+        for warning in label_warnings(self.table.samples, model_config.aus):
+            self.log(f"warning: {warning}")
         self.model = self._build_model(model_config).to(self.device)
         self.aus = model_config.aus
         labels, known = presence_labels(self.table.samples, self.aus)
@@ -666,6 +671,22 @@ class Trainer:
         meta = json.loads((state_dir / "trainer.json").read_text())["optimizer"]
         if meta and (state_dir / "optimizer.safetensors").is_file():
             optimizer.load_state_dict(_optimizer_state_from_tensors(load_file(str(state_dir / "optimizer.safetensors")), meta))
+
+
+def _without_held_out(samples: list, held_out) -> list:
+    """The samples of subjects not held out; a held-out name the manifest does not have is refused, since a
+    typo would leave that subject in training without a word."""
+    if not held_out:
+        return samples
+    subjects = {s.subject for s in samples}
+    unknown = sorted(set(held_out) - subjects)
+    if unknown:
+        raise ValueError(f"held-out subject(s) {', '.join(unknown)} are not in the manifest's rows (subjects "
+                         f"there: {', '.join(sorted(subjects)[:8])}{', ...' if len(subjects) > 8 else ''})")
+    kept = [s for s in samples if s.subject not in set(held_out)]
+    if not kept:
+        raise ValueError(f"every subject of the manifest is held out ({len(subjects)}): nothing is left to train on")
+    return kept
 
 
 def train_config(path=None, **overrides) -> TrainConfig:

@@ -169,7 +169,7 @@ def test_train_with_only_missing_images_says_so(tmp_path, capsys):
                                                    for i in range(3)])
     assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--tiny"]) == 2
     out, err = capsys.readouterr()
-    assert "gone0.jpg does not exist" in out and "no training face could be read" in err
+    assert "none of the 3 training images" in err and "gone0.jpg" in err and "--images-root" in err
 
 
 def test_evaluate_counts_missing_images_and_keeps_the_others(battery, analyzer, tmp_path):
@@ -312,3 +312,40 @@ def test_analyze_refuses_a_dash_where_standard_output_cannot_serve(tmp_path, cap
         assert cli.main(["analyze", str(image), *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags
     assert not (tmp_path / "-").exists()
+
+
+def test_train_refuses_held_out_names_the_manifest_lacks_and_holding_out_everyone(tmp_path, capsys):
+    from aullava.cli import main
+
+    rows = [{"path": f"x{i}.jpg", "subject": f"S{i}", "aus": "12", "kind": "peak"} for i in range(2)]
+    manifest = write_manifest(tmp_path / "m.csv", rows)
+    for hold_out, words in (("S0, s1", "held-out subject(s) s1 are not in the manifest"),
+                            ("S0,S1", "every subject of the manifest is held out")):
+        assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--tiny",
+                     "--hold-out", hold_out]) == 2
+        assert words in capsys.readouterr().err, hold_out
+
+
+def test_manifest_rows_with_impossible_intensities_are_refused_with_their_row(tmp_path):
+    from aullava.data.manifest import ManifestError, read_manifest
+
+    for aus, intensities, words in (("4;17", "4:9", "row 2: intensity '4:9' is outside 0-5"),
+                                    ("4", "12:3", "row 2: an intensity is given for AU12")):
+        manifest = write_manifest(tmp_path / "m.csv", [{"path": "a.jpg", "subject": "S1", "aus": aus,
+                                                        "intensities": intensities, "kind": "peak"}])
+        with pytest.raises(ManifestError, match=words):
+            read_manifest(manifest)
+
+
+def test_label_warnings_name_what_the_model_will_not_learn():
+    from pathlib import Path
+
+    from aullava.data.manifest import Sample, label_warnings
+
+    samples = [Sample(Path("a.jpg"), "S1", aus=frozenset({3, 12})), Sample(Path("a.jpg"), "S1", aus=frozenset({12})),
+               Sample(Path("b.jpg"), "S2", aus=frozenset({43}))]
+    outside, repeated, unseen = label_warnings(samples, (1, 12))
+    assert "AU3 (1 row), AU43 (1 row) labelled in the manifest but not among the model's 2 AUs" in outside
+    assert "1 image(s) are listed more than once (e.g. a.jpg)" in repeated
+    assert unseen.startswith("no training face shows AU1:")
+    assert len(label_warnings(samples, (1, 12), training=False)) == 2

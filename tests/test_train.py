@@ -130,6 +130,10 @@ def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
                  "--formats", "list", "binary", "json", "--out", str(out), "--predictions", str(predictions)]) == 0
     report = json.loads(out.read_text())
     assert report["images"] == 6 and report["detection_rate"] == 1.0
+    assert report["manifest"] == str(tiny_manifest) and report["min_positives"] == 10
+    trained_on = set(json.loads((path / "aullava_config.json").read_text())["training"]["subjects"])
+    seen = [w for w in report["warnings"] if "this checkpoint was trained on" in w]
+    assert bool(seen) == bool(trained_on & set(report["subjects"]))  # a score on its own training faces is flagged
     assert report["subjects"] == sorted({row["subject"] for row in csv.DictReader(tiny_manifest.open())
                                          if row["kind"] != "near_peak"})  # the subjects scored
     # one row per image and format: the written text, the presence parsed from it, the labels beside it

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import numpy as np
 
 from ..facs import UNCODED_INTENSITY
 
+MAX_LEVEL = 5  # FACS intensity E
 REQUIRED_COLUMNS = ("path", "subject", "aus")
 COLUMNS = ("path", "subject", "sequence", "frame", "kind", "emotion", "aus", "intensities", "unknown", "coded")
 KINDS = ("peak", "near_peak", "neutral")
@@ -49,23 +51,49 @@ class Sample:
         return au not in self.unknown and (self.coded is None or au in self.coded)
 
 
-def _parse_aus(text: str, row: int) -> frozenset:
+def _parse_aus(text: str, row: str) -> frozenset:
     try:
         return frozenset(int(float(a)) for a in text.replace(",", ";").split(";") if a.strip())
     except ValueError:
-        raise ManifestError(f"row {row}: cannot read AUs {text!r} (expected e.g. '1;2;25')") from None
+        raise ManifestError(f"{row}: cannot read AUs {text!r} (expected e.g. '1;2;25')") from None
 
 
-def _parse_intensities(text: str, row: int) -> dict:
+def _parse_intensities(text: str, row: str) -> dict:
     levels = {}
     for pair in filter(None, (p.strip() for p in (text or "").split(";"))):
         try:
             au, level = pair.split(":")
-            if int(level) > 0:
-                levels[int(float(au))] = int(level)
+            au, level = int(float(au)), int(level)
         except ValueError:
-            raise ManifestError(f"row {row}: cannot read intensity {pair!r} (expected 'AU:level')") from None
+            raise ManifestError(f"{row}: cannot read intensity {pair!r} (expected 'AU:level')") from None
+        if not 0 <= level <= MAX_LEVEL:
+            raise ManifestError(f"{row}: intensity {pair!r} is outside 0-{MAX_LEVEL} (FACS levels A-E are 1-5, "
+                                "0 = present, level not coded)")
+        if level > 0:
+            levels[au] = level
     return levels
+
+
+def label_warnings(samples, aus, training: bool = True) -> list[str]:
+    """What a manifest's labels hold that a model of AUs `aus` will not learn from or score: AUs outside its
+    set, images listed more than once and, for training, AUs of its set without one positive face."""
+    warnings = []
+    outside = Counter(a for s in samples for a in s.aus if a not in aus)
+    if outside:
+        counted = ", ".join(f"AU{a} ({n} row{'s' if n > 1 else ''})" for a, n in sorted(outside.items()))
+        warnings.append(f"{counted} labelled in the manifest but not among the model's {len(aus)} AUs: ignored "
+                        "(the \"aus\" of a training config's model sets what a model learns)")
+    listed = Counter(s.key for s in samples)
+    repeated = [path for path, n in listed.items() if n > 1]
+    if repeated:
+        warnings.append(f"{len(repeated)} image(s) are listed more than once (e.g. {repeated[0]}): each row counts "
+                        "as one more image")
+    if training:
+        unseen = [a for a in aus if not any(a in s.aus and s.is_known(a) for s in samples)]
+        if unseen:
+            warnings.append(f"no training face shows {', '.join(f'AU{a}' for a in unseen)}: the model cannot learn "
+                            f"to see {'it' if len(unseen) == 1 else 'them'}")
+    return warnings
 
 
 def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
@@ -88,12 +116,16 @@ def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
             kind = (row.get("kind") or "").strip()
             if kinds and kind not in kinds:
                 continue
-            aus = _parse_aus(row.get("aus") or "", number)
-            levels = {au: lv for au, lv in _parse_intensities(row.get("intensities", ""), number).items() if au in aus}
-            unknown = _parse_aus(row.get("unknown") or "", number) - aus
-            coded = _parse_aus(row.get("coded") or "", number) or None
+            where = f"manifest {path.name}, row {number}"
+            aus = _parse_aus(row.get("aus") or "", where)
+            levels = _parse_intensities(row.get("intensities", ""), where)
+            if not levels.keys() <= aus:
+                raise ManifestError(f"{where}: an intensity is given for {', '.join(f'AU{a}' for a in sorted(levels.keys() - aus))}, "
+                                    f"which the row's aus ({row.get('aus') or 'none'}) do not list as present")
+            unknown = _parse_aus(row.get("unknown") or "", where) - aus
+            coded = _parse_aus(row.get("coded") or "", where) or None
             if coded is not None and not aus <= coded:
-                raise ManifestError(f"row {number}: present AUs {sorted(aus - coded)} are not among the coded AUs "
+                raise ManifestError(f"{where}: present AUs {sorted(aus - coded)} are not among the coded AUs "
                                     f"{sorted(coded)}")
             samples.append(Sample(root / row["path"], row["subject"].strip(), (row.get("sequence") or "").strip(),
                                   (row.get("frame") or "").strip(), kind, (row.get("emotion") or "").strip(),
