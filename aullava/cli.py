@@ -243,7 +243,13 @@ def _train(args) -> int:
     from .train import Trainer
 
     held_out = _names(args.hold_out)
-    path = Trainer(_train_config(args, held_out_subjects=held_out)).run(resume=not args.no_resume)
+    config = _train_config(args, held_out_subjects=held_out)
+    try:
+        path = Trainer(config).run(resume=not args.no_resume)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the same command continues from the last state saved in {Path(config.out) / 'state'} "
+              f"(saved every {config.save_every} steps and between stages)", file=sys.stderr)
+        return 130
     print(f"checkpoint written to {path}")
     return 0
 
@@ -372,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train encoder, projector and LoRA on a manifest")
     _add_training_options(train, "run folder: state (resumable), history.json, checkpoint/")
     train.add_argument("--hold-out", help="subjects to leave out, comma-separated")
-    train.add_argument("--no-resume", action="store_true")
+    train.add_argument("--no-resume", action="store_true", help="train from the start, over a state saved in --out "
+                       "(default: continue it, or keep its checkpoint if it finished with these settings)")
     train.set_defaults(run=_train)
 
     crossval = commands.add_parser("crossval", help="subject-exclusive k-fold cross-validation (train + evaluate)")

@@ -36,6 +36,7 @@ from .model import AULlava, AULlavaConfig, save_pretrained
 # How often each format is drawn for a training batch.
 FORMAT_WEIGHTS = {"list": 4, "binary": 3, "intensity": 2, "continuous": 1, "json": 2, "sentence": 1}
 STAGES = ("encoder", "projector", "lora")
+BUDGET = ("encoder_steps", "projector_steps", "lora_steps")  # a resumed run may extend its stages
 
 
 @dataclass
@@ -571,6 +572,10 @@ class Trainer:
         resume_state = None
         if resume and (state_dir / "trainer.json").is_file():
             resume_state = json.loads((state_dir / "trainer.json").read_text())
+            self._check_same_recipe(resume_state.get("recipe"))
+            if resume_state.get("finished") == self.recipe() and (self.out / "checkpoint").is_dir():
+                self.log(f"already trained with this recipe: {self.out / 'checkpoint'} (--no-resume trains it again)")
+                return self.out / "checkpoint"
             start_stage, start_step = STAGES.index(resume_state["stage"]), resume_state["step"]
             self.history = resume_state.get("history", [])
             self.log(f"resuming at stage {resume_state['stage']} step {start_step}")
@@ -628,8 +633,30 @@ class Trainer:
         if main:
             save_pretrained(self.model, path)
             (self.out / "history.json").write_text(json.dumps(self.history))
+            state = state_dir / "trainer.json"
+            if state.is_file():  # the last saved state stays: a larger budget given later continues from it
+                state.write_text(json.dumps({**json.loads(state.read_text()), "finished": self.recipe()}))
         self.accelerator.wait_for_everyone()
         return path
+
+    def recipe(self) -> dict:
+        """Every setting but where the run is written: a finished run given the same recipe is not redone."""
+        recipe = {k: v for k, v in asdict(self.config).items() if k not in ("out", "save_every")}
+        manifests = [self.config.manifest] if isinstance(self.config.manifest, str) else self.config.manifest
+        recipe["manifest"] = [str(Path(m).resolve()) for m in manifests]
+        return json.loads(json.dumps(recipe))  # tuples as lists, as read back from trainer.json
+
+    def _check_same_recipe(self, saved: dict | None):
+        """Refuse to continue a run of another recipe: its weights would be kept and the new settings recorded,
+        e.g. a held-out subject the saved encoder has already learned from. (States written before recipes
+        were recorded are continued as they were.)"""
+        if saved is None:
+            return
+        now = self.recipe()
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in BUDGET)
+        if changed:
+            raise ValueError(f"{self.out} holds a run of another recipe (it differs in {', '.join(changed)}): give "
+                             "another --out, or --no-resume to train this one from the start there")
 
     def provenance(self) -> dict:
         c = asdict(self.config)
@@ -655,7 +682,7 @@ class Trainer:
         elif (state_dir / "optimizer.safetensors").exists():
             (state_dir / "optimizer.safetensors").unlink()
         (state_dir / "trainer.json").write_text(json.dumps({"stage": stage, "step": step, "optimizer": meta,
-                                                            "history": self.history}))
+                                                            "history": self.history, "recipe": self.recipe()}))
 
     def _load_state(self, state_dir: Path, optimizer):
         from .model import WEIGHTS_NAME, ADAPTER_DIR, _sub_state

@@ -427,3 +427,18 @@ def test_format_weights_set_each_formats_share_of_the_llm_steps(tiny_manifest, t
     for bad in ({"lists": 2}, {"list": 0}, {"json": 2}):  # json: a format this run does not train
         with pytest.raises(ValueError, match="format_weights"):
             Trainer(_config(tiny_manifest, tmp_path / "bad", formats=("list", "binary"), format_weights=bad))
+
+
+def test_a_finished_run_is_not_redone_and_another_recipe_is_not_continued(tiny_manifest, tmp_path):
+    config = _config(tiny_manifest, tmp_path, encoder_steps=2, projector_steps=1, lora_steps=1)
+    Trainer(config).run()
+    lines = []
+    again = Trainer(config, log=lines.append)
+    assert again.run() == tmp_path / "checkpoint" and again.history == []  # nothing trained again
+    assert any("already trained" in line for line in lines)
+    subject = read_manifests(tiny_manifest)[0].subject
+    other = _config(tiny_manifest, tmp_path, encoder_steps=2, projector_steps=1, lora_steps=1,
+                    held_out_subjects=(subject,))
+    with pytest.raises(ValueError, match="holds a run of another recipe \\(it differs in held_out_subjects\\)"):
+        Trainer(other).run()  # its saved encoder learned from that subject
+    Trainer(other).run(resume=False)  # --no-resume: trained anew there
