@@ -22,7 +22,7 @@ from .data.manifest import read_manifests, subject_folds
 from .distributed import use_cpu
 from .evaluate import MIN_POSITIVES, evaluate
 from .model import AULlavaConfig
-from .train import Trainer, TrainConfig
+from .train import Trainer, TrainConfig, finished_recipe, run_recipe
 
 
 def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), diagnostics: bool = False,
@@ -39,14 +39,19 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
     for index, held_out in enumerate(groups):
         fold_dir = out / f"fold{index}"
         metrics_path = fold_dir / "metrics.json"
-        if metrics_path.is_file():
-            log(f"fold {index + 1}/{folds}: already evaluated, read from {metrics_path}")
-            reports.append(json.loads(metrics_path.read_text()))
+        fold_config = replace(config, out=str(fold_dir), held_out_subjects=tuple(sorted(held_out)))
+        saved = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
+        if saved is not None and saved.get("held_out") != sorted(held_out):
+            raise ValueError(f"{fold_dir} holds a fold of another split (other held-out subjects: another --folds, "
+                             "--seed or manifest): give another --out")
+        if (saved is not None and set(formats) <= set(saved["formats"])
+                and finished_recipe(fold_dir) == run_recipe(fold_config)):
+            log(f"fold{index} ({index + 1} of {folds}): already trained and evaluated with these settings, read from {metrics_path}")
+            reports.append(saved)
             continue
-        log(f"fold {index + 1}/{folds}: training without {len(held_out)} held-out subjects")
+        log(f"fold{index} ({index + 1} of {folds}): training without {len(held_out)} held-out subjects")
         fold_started = time.perf_counter()
-        checkpoint = Trainer(replace(config, out=str(fold_dir), held_out_subjects=tuple(sorted(held_out))),
-                             log=log).run(resume=True)
+        checkpoint = Trainer(fold_config, log=log).run(resume=True)
         gc.collect()
         # Under `accelerate launch` training is shared; the held-out fold is evaluated once, by the main process.
         if state.is_main_process:
@@ -57,7 +62,7 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
         state.wait_for_everyone()
         report = json.loads(metrics_path.read_text())
         reports.append(report)
-        log(f"fold {index + 1}/{folds}: " + ", ".join(f"{name} macro F1 {m['macro_f1']}"
+        log(f"fold{index} ({index + 1} of {folds}): " + ", ".join(f"{name} macro F1 {m['macro_f1']}"
                                                       for name, m in report["formats"].items()))
     summary = summarize(reports, formats)
     if not state.is_main_process:

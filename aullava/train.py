@@ -640,11 +640,7 @@ class Trainer:
         return path
 
     def recipe(self) -> dict:
-        """Every setting but where the run is written: a finished run given the same recipe is not redone."""
-        recipe = {k: v for k, v in asdict(self.config).items() if k not in ("out", "save_every")}
-        manifests = [self.config.manifest] if isinstance(self.config.manifest, str) else self.config.manifest
-        recipe["manifest"] = [str(Path(m).resolve()) for m in manifests]
-        return json.loads(json.dumps(recipe))  # tuples as lists, as read back from trainer.json
+        return run_recipe(self.config)
 
     def _check_same_recipe(self, saved: dict | None):
         """Refuse to continue a run of another recipe: its weights would be kept and the new settings recorded,
@@ -698,6 +694,20 @@ class Trainer:
         meta = json.loads((state_dir / "trainer.json").read_text())["optimizer"]
         if meta and (state_dir / "optimizer.safetensors").is_file():
             optimizer.load_state_dict(_optimizer_state_from_tensors(load_file(str(state_dir / "optimizer.safetensors")), meta))
+
+
+def run_recipe(config: TrainConfig) -> dict:
+    """Every setting but where the run is written: a finished run given the same recipe is not redone."""
+    recipe = {k: v for k, v in asdict(config).items() if k not in ("out", "save_every")}
+    manifests = [config.manifest] if isinstance(config.manifest, str) else config.manifest
+    recipe["manifest"] = [str(Path(m).resolve()) for m in manifests]
+    return json.loads(json.dumps(recipe))  # tuples as lists, as read back from trainer.json
+
+
+def finished_recipe(out) -> dict | None:
+    """The recipe of the finished run in `out`, if there is one."""
+    state = Path(out) / "state" / "trainer.json"
+    return json.loads(state.read_text()).get("finished") if state.is_file() else None
 
 
 def _without_held_out(samples: list, held_out) -> list:

@@ -47,8 +47,15 @@ def test_crossval_command_runs_every_fold_and_resumes(tiny_manifest, tmp_path, c
     first = (out / "crossval.md").read_text()
     # a second run reads every fold back instead of retraining, and writes the same report
     assert main(args) == 0
-    assert "already evaluated" in capsys.readouterr().out
+    assert "already trained and evaluated with these settings" in capsys.readouterr().out
     assert (out / "crossval.md").read_text() == first
+    # a format the folds were not scored in: scored now, from their checkpoints, not retrained
+    assert main(args + ["json"]) == 0
+    logged = capsys.readouterr().out
+    assert "already trained with this recipe" in logged and "json" in json.loads((out / "crossval.json").read_text())["formats"]
+    # another split in the same folder is refused, not mixed with the folds there
+    assert main([a if a != "3" else "2" for a in args]) == 2
+    assert "holds a fold of another split" in capsys.readouterr().err
 
 
 def test_encoder_cv_reports_of_single_folds_merge_into_the_pooled_report(tmp_path):
