@@ -274,7 +274,7 @@ def _add_training_options(parser, out_help: str):
                         "its dataset codes); required, here or in --config")
     parser.add_argument("--images-root")
     parser.add_argument("--out", help=out_help + " (required, here or in --config)")
-    parser.add_argument("--kinds", help="manifest rows to train on (default peak,neutral,near_peak)")
+    parser.add_argument("--kinds", help="manifest rows to train on (default peak,neutral,near_peak,frame)")
     parser.add_argument("--encoder-steps", type=int, help="default 1500")
     parser.add_argument("--projector-steps", type=int, help="default 100")
     parser.add_argument("--lora-steps", type=int, help="default 400")

@@ -44,7 +44,8 @@ class TrainConfig:
     manifest: str | list  # one manifest CSV, or several (e.g. one per dataset)
     out: str
     images_root: str | None = None
-    kinds: tuple = ("peak", "neutral", "near_peak")
+    # CK+'s kinds, and "frame": every row of a video dataset's manifest (`python -m aullava manifest` writes it)
+    kinds: tuple = ("peak", "neutral", "near_peak", "frame")
     held_out_subjects: tuple = ()
     formats: tuple = tuple(FORMAT_WEIGHTS)
     # Relative share of LLM-stage steps per format (unnamed formats keep FORMAT_WEIGHTS). A list answer holds

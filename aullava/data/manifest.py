@@ -111,10 +111,11 @@ def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
         if missing:
             raise ManifestError(f"manifest {path} lacks column(s) {', '.join(missing)}; "
                                 f"expected at least {', '.join(REQUIRED_COLUMNS)}")
-        samples = []
+        samples, other_kinds = [], set()
         for number, row in enumerate(reader, start=2):
             kind = (row.get("kind") or "").strip()
             if kinds and kind not in kinds:
+                other_kinds.add(kind or "(empty)")
                 continue
             where = f"manifest {path.name}, row {number}"
             aus = _parse_aus(row.get("aus") or "", where)
@@ -131,7 +132,9 @@ def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
                                   (row.get("frame") or "").strip(), kind, (row.get("emotion") or "").strip(),
                                   aus, levels, unknown, coded))
     if not samples:
-        raise ManifestError(f"manifest {path} has no usable rows" + (f" of kind {', '.join(kinds)}" if kinds else ""))
+        raise ManifestError(f"manifest {path} has no usable rows" + (f" of kind {', '.join(kinds)}" if kinds else "")
+                            + (f" (its rows are of kind {', '.join(sorted(other_kinds))}: choose with --kinds)"
+                               if other_kinds else ""))
     return samples
 
 
