@@ -247,7 +247,8 @@ def factual_answer(intent: Intent, facts: FaceFacts) -> str:
     summary = (f"The model detects {_detected_list(facts, active)}." if active
                else "The model detects no active Action Unit in this face.")
     if intent.kind == "open":
-        return "I can only talk about this face's Action Units. " + summary
+        which = f" (Face {facts.face_number} of {facts.face_count})" if facts.face_count > 1 else ""
+        return f"I can only talk about this face's Action Units{which}. " + summary
     return summary
 
 
@@ -408,8 +409,9 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
         asked_absent = [a for a in intent.aus if a not in active]
         if len(intent.aus) == 1 and asked_active and negated:
             return "says the detected AU is absent"
-        if len(intent.aus) == 1 and asked_absent and re.search(r"\bdetected\b", answer, re.I) and not negated:
-            return "says an absent AU is detected"
+        if len(intent.aus) == 1 and asked_absent and any(
+                re.search(r"\bdetected\b", s, re.I) and not _NEGATION.search(s) for s in sentences(answer)):
+            return "says an absent AU is detected"  # in any sentence: "... not detected. In this face it is detected"
         if intent.kind == "intensity":
             for a in asked_active:
                 value = facts.intensity.get(a)
@@ -445,6 +447,26 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
     return None
 
 
+_FACE_NUMBER = re.compile(r"\bface\s*(?:number\s*|no\.?\s*|#\s*)?(\d{1,2})\b", re.I)
+_FACE_ORDINAL = re.compile(r"\b(first|second|third|fourth|fifth|sixth)\s+(?:face|person)\b", re.I)
+_ORDINALS = ("first", "second", "third", "fourth", "fifth", "sixth")
+
+
+def other_face(message: str, facts: FaceFacts) -> str | None:
+    """The plain sentence for a question about another face of the photo than the one the chat is about (the
+    chat holds one face's analysis: answering with its numbers would be wrong), else None."""
+    number = _FACE_NUMBER.search(message)
+    ordinal = _FACE_ORDINAL.search(message)
+    asked = int(number.group(1)) if number else (_ORDINALS.index(ordinal.group(1).lower()) + 1 if ordinal else None)
+    if asked is None or asked == facts.face_number:
+        return None
+    if asked > facts.face_count or asked < 1:
+        return (f"This photo has {facts.face_count} analysed face{'s' if facts.face_count > 1 else ''}, so there is "
+                f"no Face {asked}. I am answering about Face {facts.face_number}.")
+    return (f"I am answering about Face {facts.face_number}, the face selected above. To ask about Face {asked}, "
+            f"select it in the face selector, then ask again.")
+
+
 def refusal(message) -> str | None:
     """The plain sentence for a message that cannot be asked (empty, too long), else None."""
     if not isinstance(message, str) or not message.strip():
@@ -461,7 +483,8 @@ Generate = Callable[[str, list], Iterable[str]]  # (system, messages) -> streame
 class Reply:
     """How the last reply came about (for logs, tests and the benchmark)."""
     text: str = ""
-    source: str = ""  # "refusal", "no-analysis", "llm", "facts" (fallback), "facts-only" (no LLM given)
+    source: str = ""  # "refusal", "no-analysis", "other-face", "llm", "facts" (fallback), "facts-only" (no LLM
+    # given, or a question off the face's AUs)
     llm_text: str = ""
     rejected: str | None = None  # why the LLM's text was not used
 
@@ -485,9 +508,14 @@ def respond(message, facts: FaceFacts | None, history: Iterable = (), generate: 
         reply.source = "no-analysis"
         yield reply.text
         return
+    elsewhere = other_face(message, facts)
+    if elsewhere:
+        reply.text, reply.source = elsewhere, "other-face"
+        yield elsewhere
+        return
     intent = parse_question(message)
     fallback = factual_answer(intent, facts)
-    if generate is None:
+    if generate is None or intent.kind == "open":  # off the face's AUs: the small LLM would answer anyway
         reply.text, reply.source = fallback, "facts-only"
         yield fallback
         return

@@ -364,3 +364,34 @@ def test_lookup_drafts_what_followed_the_last_tokens_before():
     assert chat._lookup_draft([5, 6, 7, 8, 9, 5, 6], 2, 3) == [7, 8, 9]
     assert chat._lookup_draft([5, 6, 7, 5, 6, 1, 5, 6], 2, 2) == [1, 5]  # the latest occurrence
     assert chat._lookup_draft([1, 2, 3], 2, 4) == [] and chat._lookup_draft([5, 6, 5, 6], 2, 0) == []
+
+
+def test_a_question_about_another_face_is_not_answered_with_this_faces_numbers():
+    third = chat.FaceFacts.from_result(AUResult.from_active(AUS, [12], {12: 4.0}), "Discrete intensity",
+                                       face_number=3, face_count=4)
+    calls = []
+    for question, words in (("How strong is AU12 in face 2?", "To ask about Face 2, select it"),
+                            ("What about the first face?", "To ask about Face 1, select it"),
+                            ("and face 7?", "no Face 7")):
+        reply = chat.Reply()
+        assert words in final(chat.respond(question, third, generate=fake_llm("AU12 is 4.", calls=calls), reply=reply))
+        assert reply.source == "other-face"
+    assert not calls  # the LLM is not asked
+    assert final(chat.respond("how strong is AU12 on face 3?", third, generate=None)).startswith("AU12 lip corner")
+
+
+def test_off_topic_questions_get_the_facts_not_the_llms_words():
+    calls = []
+    reply = chat.Reply()
+    text = final(chat.respond("What is the capital of France?", SMILE, generate=fake_llm("Paris.", calls=calls),
+                              reply=reply))
+    assert not calls and reply.source == "facts-only" and "Paris" not in text
+    assert all(f"AU{a}" in text for a in (6, 12, 25))  # the whole analysis, not part of it
+
+
+def test_an_answer_that_calls_an_absent_au_detected_in_any_sentence_is_rejected():
+    neutral = facts_of([])
+    answer = ("AU12 lip corner puller is not detected in this face (intensity 0). "
+              "In this face it is detected: AU12 lip corner puller at intensity 0.")
+    why = chat.check_answer(answer, neutral, chat.parse_question("How strong is AU12?"))
+    assert why == "says an absent AU is detected"
