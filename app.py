@@ -349,10 +349,12 @@ def build() -> gr.Blocks:
 
         outputs = [status, text, bars, overlay, face, hint, result_json, downloads, session]
         common = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
-        image.change(analyse, [image, fmt, session, face], outputs, api_name="analyse", **common).then(
+        # a new face, a new chat: cleared first, in the same chain, so that what follows the analysis reads the
+        # cleared chat (a separate listener raced it and the previous photo's exchange came back)
+        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private").then(
+            analyse, [image, fmt, session, face], outputs, api_name="analyse", **common).then(
             ask_pending, [pending_question, chatbot, session, face], [chatbot, pending_question],
             api_visibility="private", **common)
-        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private")  # a new face, a new chat
         page.load(on_load, None, [image, pending_question], api_visibility="private")
         fmt.change(analyse, [image, fmt, session, face], outputs, api_visibility="private",
                    trigger_mode="always_last", **common).success(

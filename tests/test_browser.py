@@ -13,6 +13,7 @@ import time
 import pytest
 
 from cdp import Browser, find_chromium
+from conftest import SMOKE
 from test_app import checkpoint, server  # noqa: F401 - the app server fixtures
 
 CHROMIUM = find_chromium()
@@ -136,6 +137,48 @@ def test_a_question_asked_while_the_photo_is_analysed_stays_in_the_chat(server, 
         browser.close()
     assert asked and analysed
     assert "is AU12 there?" in chat, chat
+
+
+TEXT = "(document.querySelector('#aullava-text textarea') || {value: ''}).value"
+CHAT = "(document.querySelector('#aullava-chat') || {innerText: ''}).innerText"
+
+
+def _ask(browser, question: str) -> bool:
+    return browser.evaluate(f"""(() => {{
+      const box = document.querySelector('#aullava-question textarea');
+      const setter = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, 'value').set;
+      setter.call(box, {json.dumps(question)});
+      box.dispatchEvent(new Event('input', {{bubbles: true}}));
+      return true; }})()""") and _click(browser, "#aullava-question button", "Ask")
+
+
+@pytest.mark.skipif(not (SMOKE / "multi_face.jpg").is_file(), reason="no shared smoke photos")
+def test_a_photo_after_a_cleared_group_photo_gets_a_fresh_chat_and_one_analysis(server, tmp_path):  # noqa: F811
+    """Group photo, another face selected, a question; the photo removed with its x and another picked: the chat
+    starts empty, the new photo is analysed once, and no output shows Gradio's bare error badge."""
+    browser = Browser(CHROMIUM, 1280, 800)
+    try:
+        _pick_file(browser, server["url"], SMOKE / "multi_face.jpg")
+        assert browser.wait_for(TEXT, timeout=240)
+        assert _click(browser, "label", "Face 3")
+        time.sleep(1)
+        assert _ask(browser, "is AU12 there?")
+        assert browser.wait_for(f"/AU12/.test({CHAT}.split('is AU12 there?')[1] || '')", timeout=120)
+        analyses_before = server["log"].read_text().count(" analyse ")
+        assert _click(browser, "#aullava-input button", "Clear|Remove")
+        assert browser.wait_for(f"!{TEXT}", timeout=60)
+        browser.set_files("#aullava-input input[type=file]", [SMOKE / "single_face.jpg"])
+        assert browser.wait_for(TEXT, timeout=240)
+        time.sleep(4)  # whatever follows the analysis has run
+        chat, status = browser.evaluate(CHAT), browser.evaluate(STATUS)
+        errors = browser.evaluate("document.querySelectorAll('.error, .validation-error, .toast-body.error').length")
+        browser.screenshot(tmp_path / "after_clear.png")
+    finally:
+        browser.close()
+    log = server["log"].read_text()
+    assert "is AU12 there?" not in chat, chat
+    assert log.count(" analyse ") - analyses_before == 1, log[-2000:]
+    assert errors == 0 and "1 face" in status, status
 
 
 LIVE_STATUS = "(document.querySelector('#aullava-live-status') || {innerText: ''}).innerText"
