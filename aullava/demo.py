@@ -95,6 +95,7 @@ class Session:
     results: list  # aullava.service.FaceResult, one per face
     seconds: dict = field(default_factory=dict)
     image_size: tuple = (0, 0)
+    source: str = ""  # the image file's name as uploaded ("" for an image given as pixels)
 
     def result(self, index: int):
         index = index if 0 <= index < len(self.results) else 0
@@ -146,7 +147,8 @@ def analyse(analyzer, image, format_name: str, session: Session | None = None,
     started = time.perf_counter()
     results = analyzer.describe(faces[:max_faces] if max_faces else faces, format_name)
     seconds["generate"] = time.perf_counter() - started
-    return Session(key, display, scale, faces, format_name, results, seconds, size)
+    source = Path(image).name if isinstance(image, (str, os.PathLike)) else ""
+    return Session(key, display, scale, faces, format_name, results, seconds, size, source)
 
 
 def _detect(analyzer, image, max_side: int | None = None):
@@ -301,11 +303,12 @@ def result_dict(session: Session) -> dict:
                                        "coverage": round(h.coverage, 3)}
                                       for h in facs.emotion_hints(result.active)]
         faces.append(entry)
-    return {"format": session.format, "format_title": fmt.title, "image_size": list(session.image_size),
+    return {"image": session.source, "format": session.format, "format_title": fmt.title,
+            "image_size": list(session.image_size),
             "faces": faces, "seconds": {k: round(v, 3) for k, v in session.seconds.items()}}
 
 
-CSV_FIELDS = ("face", "box", "format", "au", "name", "region", "present", "intensity", "model_text",
+CSV_FIELDS = ("image", "face", "box", "format", "au", "name", "region", "present", "intensity", "model_text",
               "parse_error")
 
 
@@ -315,7 +318,7 @@ def result_csv(session: Session) -> str:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for face_result in session.results:
-        common = {"face": face_result.face.index + 1,
+        common = {"image": session.source, "face": face_result.face.index + 1,
                   "box": " ".join(f"{float(v):.1f}" for v in face_result.face.box),
                   "format": session.format, "model_text": face_result.text, "parse_error": face_result.error or ""}
         if face_result.result is None:
@@ -334,15 +337,22 @@ _download_dir = Path(tempfile.mkdtemp(prefix="aullava-downloads-"))
 KEEP_DOWNLOADS = 200
 
 
+def _download_stem(source: str, content: str) -> str:
+    """aullava-<the input file's name>-<hash of the content>: a researcher saving several results can tell them
+    apart (the name kept to letters, digits, '-', '_' and '.')."""
+    name = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(source).stem)[:40] or "result"
+    return f"aullava-{name}-{hashlib.sha1(content.encode()).hexdigest()[:12]}"
+
+
 def download_files(session: Session) -> list[str]:
-    """The result written as aullava-result-<hash>.json and .csv in a private temp folder (the newest
+    """The result written as aullava-<photo name>-<hash>.json and .csv in a private temp folder (the newest
     KEEP_DOWNLOADS files are kept)."""
     data = json.dumps(result_dict(session), indent=2)
     table = result_csv(session)
-    digest = hashlib.sha1((data + table).encode()).hexdigest()[:12]
+    stem = _download_stem(session.source, data + table)
     paths = []
     for suffix, content in (("json", data), ("csv", table)):
-        path = _download_dir / f"aullava-result-{digest}.{suffix}"
+        path = _download_dir / f"{stem}.{suffix}"
         if not path.exists():
             tmp = path.with_suffix(".tmp")
             tmp.write_text(content)
@@ -350,6 +360,19 @@ def download_files(session: Session) -> list[str]:
         paths.append(str(path))
     _prune_downloads()
     return paths
+
+
+def _name_rows_file(csv_path: Path, jsonl_path: Path, name: str):
+    """The rows' `file` as the uploaded video's name, not the server's temp path of it."""
+    with open(csv_path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields, rows = reader.fieldnames, [{**row, "file": name} for row in reader]
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = [json.dumps({**json.loads(line), "file": name}) for line in jsonl_path.read_text().splitlines() if line]
+    jsonl_path.write_text("".join(line + "\n" for line in lines))
 
 
 def _prune_downloads():
@@ -383,9 +406,10 @@ def analyse_video(analyzer, path, format_name: str, fps: float) -> VideoAnalysis
         raise ValueError(f"at {fps:g} frames per second this {info.duration:.0f} s video needs {expected} analysed "
                          f"frames; the web demo analyses at most {MAX_VIDEO_FRAMES}. Lower the rate, or use "
                          "`python -m aullava analyze VIDEO --csv out.csv` for long videos.")
-    stem = f"aullava-video-{hashlib.sha1(f'{Path(path).name}{time.time()}'.encode()).hexdigest()[:12]}"
+    stem = _download_stem(Path(path).name, f"{path}{time.time()}")
     csv_path, jsonl_path = _download_dir / f"{stem}.csv", _download_dir / f"{stem}.jsonl"
     batch = analyze_batch(analyzer, [path], format_name, csv_path, jsonl_path, fps=fps)
+    _name_rows_file(csv_path, jsonl_path, Path(path).name)
     rows = next(iter(batch.video_rows.values()), [])
     analysed = sum(1 for r in rows if r["success"] == 1)
     faces = sorted({r["face_id"] for r in rows if r["face_id"] != ""})

@@ -210,6 +210,9 @@ def test_video_tab_analyses_a_video_into_a_time_series_and_rows(shared_client, t
     table = next(path for path in downloads if path.endswith(".csv"))
     rows = list(csv.DictReader(open(table)))
     assert [r["frame"] for r in rows] == ["1", "6", "11", "16"] and {r["face_id"] for r in rows} == {"0"}
+    assert {r["file"] for r in rows} == {"clip.mp4"} and Path(table).name.startswith("aullava-clip-")  # not a temp path
+    lines = [json.loads(line) for line in open(next(p for p in downloads if p.endswith(".jsonl")))]
+    assert len(lines) == 4 and {line["file"] for line in lines} == {"clip.mp4"}
     fake = tmp_path / "notes.mp4"
     fake.write_text("not a video")
     status, series, downloads = shared_client.predict(handle_file(str(fake)), "list", 2,
@@ -338,7 +341,7 @@ def _session(active=(6, 12), fmt="intensity", error=None):
                FaceResult(faces[1], fmt, "AU06:3 AU12:3", result, error, [0.8])]
     return demo.Session("key", Image.new("RGB", (200, 200)), 1.0, faces, fmt, results, {"detect": 0.1,
                                                                                          "generate": 0.5},
-                        (200, 200))
+                        (200, 200), "party photo.jpg")
 
 
 def test_result_json_and_csv_agree():
@@ -355,8 +358,10 @@ def test_result_json_and_csv_agree():
     rows = list(csv.DictReader(io.StringIO(demo.result_csv(session))))
     assert len(rows) == 10 and rows[0]["au"] == "AU01" and rows[0]["region"] == "brows"
     assert {r["au"] for r in rows if r["present"] == "1" and r["face"] == "1"} == {"AU06", "AU12"}
+    assert data["image"] == "party photo.jpg" and {r["image"] for r in rows} == {"party photo.jpg"}
     json_path, csv_path = demo.download_files(session)
     assert json.loads(Path(json_path).read_text()) == json.loads(json.dumps(data))
+    assert Path(json_path).name.startswith("aullava-party_photo-")  # which photo a saved result belongs to
 
 
 def test_unreadable_answers_are_reported_not_charted():
@@ -366,7 +371,7 @@ def test_unreadable_answers_are_reported_not_charted():
     assert "Could not be read" in demo.model_text(session, 0)
     assert session.facts(0) is None and "could not be read" in session.parse_error(0)
     assert demo.chart(session, 0).size[0] > 100
-    assert list(demo.result_csv(session).splitlines()[1].split(","))[0] == "1"
+    assert demo.result_csv(session).splitlines()[1].split(",")[:2] == ["party photo.jpg", "1"]
 
 
 def test_view_helpers():
