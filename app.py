@@ -342,10 +342,11 @@ def build() -> gr.Blocks:
                         video_button = gr.Button("Analyse the video", variant="primary")
                         video_status = gr.Markdown("", elem_id="aullava-video-status")
                     with gr.Column(scale=6, min_width=360):
-                        video_series = gr.Image(label="AU time series", type="pil", interactive=False,
+                        # no label over the chart: it covered the start of the chart's own title
+                        video_series = gr.Image(label="AU time series", show_label=False, type="pil", interactive=False,
                                                 format="png", elem_id="aullava-video-series")
                         video_downloads = gr.File(label="Download the rows (CSV, JSON lines)",
-                                                  file_count="multiple", interactive=False, height=90)
+                                                  file_count="multiple", interactive=False, height=130)
 
         outputs = [status, text, bars, overlay, face, hint, result_json, downloads, session]
         common = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")

@@ -34,7 +34,9 @@ HISTORY_CHARS = 300
 NO_ANALYSIS = ("No face analysed yet: give me a photo first (upload, webcam, paste or an example), "
                "then ask about its Action Units. If a photo is being analysed, ask again once its answer shows.")
 EMPTY_MESSAGE = 'Please type a question, for example "what does AU6 mean?" or "is this a genuine smile?".'
-TOO_LONG = ("That message is {n:,} characters long; please ask in at most {limit:,} characters "
+# no length quoted: the page's box stops a paste one character past the limit, so the length seen here is not
+# the length pasted
+TOO_LONG = ("That message is over {limit:,} characters long; please ask in at most {limit:,} characters "
             "(one short question works best).")
 NOT_READABLE = ("The model's answer for this face could not be read as AUs ({error}), so I have no Action "
                 "Units to talk about. Try another answer format or another photo.")
@@ -472,7 +474,7 @@ def refusal(message) -> str | None:
     if not isinstance(message, str) or not message.strip():
         return EMPTY_MESSAGE
     if len(message) > MAX_MESSAGE_CHARS:
-        return TOO_LONG.format(n=len(message), limit=MAX_MESSAGE_CHARS)
+        return TOO_LONG.format(limit=MAX_MESSAGE_CHARS)
     return None
 
 

@@ -70,11 +70,12 @@ def intensity_chart(result, title: str = "", carries_intensity: bool | None = No
     for r in rows:
         r["text"] = "present" if r["nominal"] else f"{r['value']:.1f}"
     heading = f"{title or 'Action Units'} ({sum(r['present'] for r in rows)} active of {len(rows)})"
+    axis = "FACS intensity (0 absent, 1 trace ... 5 maximum)"
     if all(r["nominal"] for r in rows):
         heading += (f"\npresence only (no intensity in this format): present AUs hatched at "
                     f"nominal height {NOMINAL_PRESENT:g}")
-    return _bar_chart(rows, MAX_INTENSITY, list(range(MAX_INTENSITY + 1)),
-                      "FACS intensity (0 absent, 1 trace ... 5 maximum)", heading, dpi)
+        axis = "presence only: no intensity is written in this format (a bar's length is not a level)"
+    return _bar_chart(rows, MAX_INTENSITY, list(range(MAX_INTENSITY + 1)), axis, heading, dpi)
 
 
 def probability_chart(probabilities: dict, title: str = "", threshold: float = 0.5, dpi: int = 80) -> Image.Image:

@@ -127,7 +127,7 @@ def test_empty_and_long_messages_are_refused_plainly(message):
     calls = []
     reply = final(chat.respond(message, SMILE, [], fake_llm("x", calls=calls)))
     assert calls == []
-    assert reply in (chat.EMPTY_MESSAGE,) or reply.startswith("That message is 20,000 characters")
+    assert reply in (chat.EMPTY_MESSAGE,) or reply.startswith("That message is over 2,000 characters")
 
 
 def test_a_good_llm_answer_streams_through():
