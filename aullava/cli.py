@@ -272,7 +272,8 @@ def _add_training_options(parser, out_help: str):
                         "\"model\" holds the model's (aus, encoder, lora); flags given here override it")
     parser.add_argument("--manifest", nargs="+", help="one CSV, or one per dataset (each image is asked only the AUs "
                         "its dataset codes); required, here or in --config")
-    parser.add_argument("--images-root")
+    parser.add_argument("--images-root", help="the folder the manifest's image paths are relative to (default: the "
+                        "manifest's folder)")
     parser.add_argument("--out", help=out_help + " (required, here or in --config)")
     parser.add_argument("--kinds", help="manifest rows to train on (default peak,neutral,near_peak,frame)")
     parser.add_argument("--encoder-steps", type=int, help="default 1500")
@@ -362,12 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("evaluate", help="per-AU metrics of the model on a labelled manifest")
     evaluate.add_argument("--manifest", required=True, nargs="+", help="one CSV or several (e.g. one per dataset)")
-    evaluate.add_argument("--images-root")
-    evaluate.add_argument("--checkpoint")
-    evaluate.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names())
+    evaluate.add_argument("--images-root", help="the folder the manifest's image paths are relative to (default: "
+                          "the manifest's folder)")
+    evaluate.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")
+    evaluate.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names(),
+                          help="answer formats to score (default: list binary)")
     evaluate.add_argument("--kinds", help="rows to use, comma-separated (default: every row but near_peak)")
     evaluate.add_argument("--subjects", help="only these subjects, comma-separated")
-    evaluate.add_argument("--out", required=True)
+    evaluate.add_argument("--out", required=True, help="the metrics JSON to write")
     evaluate.add_argument("--predictions", help="also write a CSV row per image and format: the model's text, the "
                           "presence (AU01_pred ...) and intensity (AU01_intensity ...) it implies per AU, and the label (AU01_true ...)")
     evaluate.add_argument("--no-speculate", action="store_true",
@@ -384,8 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     crossval = commands.add_parser("crossval", help="subject-exclusive k-fold cross-validation (train + evaluate)")
     _add_training_options(crossval, "folder for fold<i>/ runs, crossval.json and crossval.md (resumable)")
-    crossval.add_argument("--folds", type=int, default=3)
-    crossval.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names())
+    crossval.add_argument("--folds", type=int, default=3, help="subject-exclusive folds (default 3)")
+    crossval.add_argument("--formats", nargs="+", default=["list", "binary"], choices=format_names(),
+                          help="answer formats to score per fold (default: list binary)")
     crossval.add_argument("--diagnostics", action="store_true",
                           help="also score the encoder's own head and the live read-out (slower)")
     crossval.set_defaults(run=_crossval)
@@ -395,29 +399,36 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--root", required=True, help="the dataset's release folder")
     manifest.add_argument("--frames", help="DISFA: folder of extracted frames, <frames>/<subject>/<frame>.jpg")
     manifest.add_argument("--images-root", help="paths in the CSV relative to this (default: the CSV's folder)")
-    manifest.add_argument("--out", required=True)
+    manifest.add_argument("--out", required=True, help="the manifest CSV to write")
     manifest.set_defaults(run=_manifest)
 
     bench = commands.add_parser("bench", help="time every stage of analysing a photo on this machine")
     bench.add_argument("--checkpoint", help="checkpoint folder or hub repo id (default: the embedded one)")
     bench.add_argument("--image", help="a photo with one face (default: matplotlib's grace_hopper.jpg)")
     bench.add_argument("--formats", nargs="+", default=["list", "binary", "json"], choices=format_names())
-    bench.add_argument("--repeats", type=int, default=5)
+    bench.add_argument("--repeats", type=int, default=5, help="timed runs per format (default 5)")
     bench.add_argument("--merge", action="store_true",
                        help="merge LoRA into the weights (faster; the app keeps it switchable for chat)")
     bench.add_argument("--no-scaling", action="store_true", help="skip the faces-per-image and image-size runs")
     bench.add_argument("--batch", action="store_true",
                        help="instead: throughput of analyze --csv on a folder of photos and on a video")
-    bench.add_argument("--batch-images", type=int, default=200)
-    bench.add_argument("--video-seconds", type=float, default=30)
+    bench.add_argument("--batch-images", type=int, default=200, help="--batch: photos in the folder (default 200)")
+    bench.add_argument("--video-seconds", type=float, default=30, help="--batch: the video's length (default 30)")
     bench.add_argument("--video-fps", type=float, default=5.0, help="frames analysed per second of video")
     bench.add_argument("--out", help="write the figures as JSON")
     bench.set_defaults(run=_bench)
 
-    push = commands.add_parser("push", help="upload a checkpoint folder to the Hugging Face hub")
-    push.add_argument("checkpoint")
-    push.add_argument("--repo-id", required=True)
-    push.add_argument("--private", action="store_true")
+    push = commands.add_parser(
+        "push", help="upload a checkpoint folder to the Hugging Face hub",
+        description="Upload a checkpoint folder as it is (aullava_config.json, aullava.safetensors, the LoRA adapter; "
+                    "the config records the training settings, the manifest's and output folder's paths included) "
+                    "to a model repo, created if missing. Needs a token with write access: $HF_TOKEN or `hf auth "
+                    "login`. A trained checkpoint has no model card: add a README.md to the folder first. "
+                    "`--checkpoint <repo id>` then loads it in analyze, evaluate and the app.")
+    push.add_argument("checkpoint", help="the checkpoint folder (a run's <out>/checkpoint)")
+    push.add_argument("--repo-id", required=True, help="the model repo, owner/name")
+    push.add_argument("--private", action="store_true", help="create the repo private (a repo that exists keeps "
+                      "its visibility)")
     push.set_defaults(run=_push)
     return parser
 
