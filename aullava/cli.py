@@ -183,7 +183,8 @@ def _evaluate(args) -> int:
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     rows = [] if args.predictions else None
-    report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects, predictions=rows)
+    report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects, predictions=rows,
+                      diagnostics=not args.no_diagnostics)
     if rows is not None:
         with open(args.predictions, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["path"])
@@ -197,18 +198,21 @@ def _evaluate(args) -> int:
     if report["missing_images"]:
         print(f"warning: {report['missing_images']} image(s) of the manifest do not exist (e.g. "
               f"{report['missing_examples'][0]}): scored as undetected, listed in the report", file=sys.stderr)
+
+    def macro(metrics):
+        return metrics["macro_f1"] if metrics["macro_f1"] is not None else f"n/a (no AU has {MIN_POSITIVES} positives)"
+
     for name, metrics in report["formats"].items():
-        macro = metrics["macro_f1"] if metrics["macro_f1"] is not None else f"n/a (no AU has {MIN_POSITIVES} positives)"
-        print(f"{name:>10}: macro F1 {macro}  parse failures {metrics['parse_failures']}  "
-              f"{metrics['seconds_per_image']} s/image")
+        print(f"{name:>10}: macro F1 {macro(metrics)}  parse failures {metrics['parse_failures']}  "
+              f"{metrics['seconds_per_image']:.2f} s/image")
     diagnostics = report.get("diagnostics", {})
     for key, label in (("encoder_head", "encoder's own head (not an answer)"), ("readout", "fast read-out (live mode)")):
         if key in diagnostics:
-            print(f"{label}: macro F1 {diagnostics[key]['macro_f1']}")
+            print(f"{label}: macro F1 {macro(diagnostics[key])}")
     if "chimeras" in diagnostics:
         chimeras = diagnostics["chimeras"]
         print(f"read-out on chimeric faces (each AU token from another face): macro F1 "
-              f"{chimeras['readout']['macro_f1']}, the head {chimeras['encoder_head']['macro_f1']}")
+              f"{macro(chimeras['readout'])}, the head {macro(chimeras['encoder_head'])}")
     agreement = report["agreement"].get("all", "n/a (one format)")
     print(f"detection rate {report['detection_rate']}; agreement {agreement}; written {args.out}")
     return 0
@@ -372,7 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--subjects", help="only these subjects, comma-separated")
     evaluate.add_argument("--out", required=True, help="the metrics JSON to write")
     evaluate.add_argument("--predictions", help="also write a CSV row per image and format: the model's text, the "
-                          "presence (AU01_pred ...) and intensity (AU01_intensity ...) it implies per AU, and the label (AU01_true ...)")
+                          "presence (AU01_pred ...) and intensity (AU01_intensity ...) it implies per AU, and the label (AU01_true ...; AU01_true_intensity where coded), with sequence, frame and emotion")
+    evaluate.add_argument("--no-diagnostics", action="store_true",
+                          help="skip scoring the encoder's own head and the live read-out (about a third of the time)")
     evaluate.add_argument("--no-speculate", action="store_true",
                           help="write every answer one decision per LLM pass, without verifying the encoder "
                                "head's draft (slower; the same answers up to float rounding)")

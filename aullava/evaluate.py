@@ -180,11 +180,12 @@ def prediction_row(sample, format_name, aus, text, error, result) -> dict:
     known), `AUn_pred` (1 or 0 as the parsed answer implies) and `AUn_intensity` (where the format writes one),
     n in two digits as the model writes it and OpenFace names its columns (AU01_true); empty where nothing was
     parsed."""
-    row = {"path": str(sample.path), "subject": sample.subject, "kind": sample.kind, "format": format_name,
-           "text": text, "error": error or ""}
+    row = {"path": str(sample.path), "subject": sample.subject, "sequence": sample.sequence, "frame": sample.frame,
+           "kind": sample.kind, "emotion": sample.emotion, "format": format_name, "text": text, "error": error or ""}
     for a in aus:
         code = au_code(a)
         row[f"{code}_true"] = int(a in sample.aus) if sample.is_known(a) else ""
+        row[f"{code}_true_intensity"] = sample.intensities.get(a, "")  # the coded level, where there is one
         row[f"{code}_pred"] = "" if result is None else int(bool(result.present[a]))
         level = None if result is None else result.intensity.get(a)
         row[f"{code}_intensity"] = "" if level is None else level

@@ -146,6 +146,8 @@ def test_evaluate_on_a_tiny_manifest(trained, tiny_manifest, tmp_path):
         for a in TINY_MODEL["aus"]:
             assert row[f"{au_code(a)}_pred"] == str(int(parsed.present[a]))
             assert row[f"{au_code(a)}_true"] == (str(int(a in sample.aus)) if sample.is_known(a) else "")
+            assert row[f"{au_code(a)}_true_intensity"] == str(sample.intensities.get(a, ""))
+        assert (row["sequence"], row["frame"], row["emotion"]) == (sample.sequence, sample.frame, sample.emotion)
     for name, metrics in report["formats"].items():  # the rows hold what the metrics count
         for a in TINY_MODEL["aus"]:
             tp = sum(r[f"{au_code(a)}_pred"] == r[f"{au_code(a)}_true"] == "1" for r in rows if r["format"] == name)
@@ -442,3 +444,15 @@ def test_a_finished_run_is_not_redone_and_another_recipe_is_not_continued(tiny_m
     with pytest.raises(ValueError, match="holds a run of another recipe \\(it differs in held_out_subjects\\)"):
         Trainer(other).run()  # its saved encoder learned from that subject
     Trainer(other).run(resume=False)  # --no-resume: trained anew there
+
+
+def test_evaluate_without_diagnostics_scores_the_answers_only(trained, tiny_manifest, tmp_path, capsys):
+    from aullava.cli import main
+
+    _, path = trained
+    out = tmp_path / "metrics.json"
+    assert main(["evaluate", "--manifest", str(tiny_manifest), "--checkpoint", str(path), "--formats", "binary",
+                 "--out", str(out), "--no-diagnostics"]) == 0
+    report = json.loads(out.read_text())
+    assert "diagnostics" not in report and set(report["formats"]) == {"binary"}
+    assert "encoder's own head" not in capsys.readouterr().out
