@@ -263,8 +263,11 @@ def _crossval(args) -> int:
 
     summary = crossval(_train_config(args), folds=args.folds, formats=tuple(args.formats),
                        diagnostics=args.diagnostics)
+    least = summary["min_positives"]
     for name, entry in summary["formats"].items():
-        print(f"{name:>10}: average F1 over AUs {entry['average_f1']} (per fold {entry['macro_f1_per_fold']})")
+        per_fold = ", ".join("n/a" if f is None else str(f) for f in entry["macro_f1_per_fold"])
+        print(f"{name:>10}: average F1 {entry['average_f1']} over the {len(entry['average_aus'])} AUs with {least} "
+              f"positives in all folds together (per fold, over the AUs with {least} there: {per_fold})")
     print(f"{summary['seconds']} s; report in {Path(args.out) / 'crossval.md'} and crossval.json")
     return 0
 
