@@ -46,6 +46,18 @@ def test_bp4d_occurrence_intensity_unknown_and_missing_frames(tmp_path):
     _round_trip(samples, tmp_path)
 
 
+def test_bp4d_headers_with_au_names_empty_cells_and_bad_values(tmp_path):
+    root = tmp_path / "BP4D"
+    _write(root / "AUCoding/AU_OCC/F001_T1.csv", "frame,AU01,AU12\n10,1,\n11,nan,1\n")
+    for frame in (10, 11):
+        _image(root / f"2DFaces/F001/T1/{frame:04d}.jpg")
+    first, second = read_bp4d(root)[0]
+    assert first.aus == {1} and first.unknown == {12} and second.aus == {12} and second.unknown == {1}
+    _write(root / "AUCoding/AU_OCC/F001_T1.csv", "frame,1,12\n10,1,yes\n")
+    with pytest.raises(ValueError, match="F001_T1.csv:2: 'yes' is not a number"):
+        read_bp4d(root)
+
+
 def test_disfa_intensity_files_threshold_and_missing_frames(tmp_path):
     root = tmp_path / "DISFA"
     _write(root / "ActionUnit_Labels/SN001/SN001_au1.txt", "1,0\n2,3\n3,1\n")

@@ -75,19 +75,22 @@ def read_bp4d(root) -> tuple[list[Sample], list[str]]:
         intensities = _bp4d_intensities(root, subject, task)
         with table.open(newline="") as handle:
             reader = csv.reader(handle)
-            header = next(reader)
-            aus = [int(float(h)) for h in header[1:]]
-            for row in reader:
+            header = next(reader, [])
+            # the release's header names the AUs by number ("1", "2", ...); "AU01" style is read too
+            aus = [int(_number(re.sub(r"(?i)^\s*au", "", h), f"{table}:1 (header)")) for h in header[1:]]
+            for number, row in enumerate(reader, start=2):
                 if not row or not row[0].strip():
                     continue
-                frame = int(float(row[0]))
+                where = f"{table}:{number}"
+                frame = int(_number(row[0], where))
                 image = find_frame(root / "2DFaces" / subject / task, frame)
                 if image is None:
                     problems.append(f"{table.name} frame {frame}: no image in 2DFaces/{subject}/{task}")
                     continue
                 present, unknown = set(), set()
                 for au, value in zip(aus, row[1:]):
-                    code = int(float(value))
+                    number_read = _number(value, where) if value.strip() else 9  # an empty cell: not coded
+                    code = 9 if number_read != number_read else int(number_read)  # NaN: not coded either
                     if code == 1:
                         present.add(au)
                     elif code != 0:
