@@ -31,13 +31,14 @@ def presence_metrics(truth: np.ndarray, predicted: np.ndarray, aus, known: np.nd
 
 def metrics_from_counts(counts: dict) -> dict:
     """{AU name: (true positives, false positives, false negatives)} -> the report of `presence_metrics` (so
-    counts summed over folds give the pooled report)."""
+    counts summed over folds give the pooled report). A ratio without a denominator is None, not 0: precision
+    where nothing was predicted, recall where nothing is there, F1 where neither (nothing to score)."""
     per_au = {}
     for name, (tp, fp, fn) in counts.items():
-        precision = tp / (tp + fp) if tp + fp else 0.0
-        recall = tp / (tp + fn) if tp + fn else 0.0
-        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-        per_au[name] = {"precision": round(precision, 4), "recall": round(recall, 4), "f1": round(f1, 4),
+        precision = round(tp / (tp + fp), 4) if tp + fp else None
+        recall = round(tp / (tp + fn), 4) if tp + fn else None
+        f1 = round(2 * tp / (2 * tp + fp + fn), 4) if tp + fp + fn else None
+        per_au[name] = {"precision": precision, "recall": recall, "f1": f1,
                         "support": tp + fn, "tp": tp, "fp": fp, "fn": fn}
     scored = [v["f1"] for v in per_au.values() if v["support"] >= MIN_POSITIVES]
     return {"per_au": per_au, "macro_f1": round(float(np.mean(scored)), 4) if scored else None,

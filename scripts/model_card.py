@@ -26,6 +26,10 @@ held_out = train_config.get("held_out_subjects", [])
 scored = report.get("subjects") or held_out
 
 
+def _f1_cell(f1) -> str:
+    return "n/a" if f1 is None else f"{f1:.2f}"  # None: the AU neither occurs nor was written in these faces
+
+
 def _encoder_words(config: dict) -> str:
     members = int(config["encoder"].get("members", 1))
     words = ("A landmark + local-appearance AU encoder (one token per AU)" if members == 1 else
@@ -107,7 +111,7 @@ for name, m in report["formats"].items():
 names = list(report["formats"])
 lines += ["", "Per AU (F1 / support):", "", "| AU | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
 for au in report["formats"][names[0]]["per_au"]:
-    cells = [f"{report['formats'][n]['per_au'][au]['f1']:.2f}" for n in names]
+    cells = [_f1_cell(report['formats'][n]['per_au'][au]['f1']) for n in names]
     support = report["formats"][names[0]]["per_au"][au]["support"]
     lines.append(f"| {au} ({support}) | " + " | ".join(cells) + " |")
 lines += ["", f"Presence agreement between formats (share of image x AU pairs): {json.dumps(report['agreement'])}", ""]

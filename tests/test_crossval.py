@@ -92,3 +92,13 @@ def test_encoder_cv_reports_of_single_folds_merge_into_the_pooled_report(tmp_pat
         paths[1].write_text(json.dumps(second | changed))
         with pytest.raises(SystemExit, match="different recipes"):
             encoder_cv.merged(paths)
+
+
+def test_per_au_ratios_without_a_denominator_are_none_not_zero():
+    from aullava.evaluate import metrics_from_counts
+
+    per_au = metrics_from_counts({"AU1": (0, 0, 0), "AU2": (0, 3, 0), "AU4": (0, 0, 5), "AU6": (4, 1, 1)})["per_au"]
+    assert (per_au["AU1"]["precision"], per_au["AU1"]["recall"], per_au["AU1"]["f1"]) == (None, None, None)
+    assert (per_au["AU2"]["precision"], per_au["AU2"]["recall"], per_au["AU2"]["f1"]) == (0.0, None, 0.0)
+    assert (per_au["AU4"]["precision"], per_au["AU4"]["recall"], per_au["AU4"]["f1"]) == (None, 0.0, 0.0)
+    assert per_au["AU6"]["f1"] == 0.8
