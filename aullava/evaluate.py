@@ -136,12 +136,16 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     for format_name in formats:
         predicted = np.zeros_like(truth)
         parse_failures, gen_seconds, levels_true, levels_pred, level_aus = [], 0.0, [], [], []
-        for start in tqdm(range(0, len(detected), batch_size), desc=format_name, disable=not progress, unit="batch"):
-            batch_faces = faces[start:start + batch_size]
+        bar = tqdm(total=len(detected), desc=format_name, disable=not progress, unit="img")
+        # speculating, the model writes one face at a time anyway: the bar can move per image
+        step = 1 if getattr(analyzer, "speculate", False) else batch_size
+        for start in range(0, len(detected), step):
+            batch_faces = faces[start:start + step]
             began = time.perf_counter()
             results = analyzer.describe(batch_faces, format_name)
             gen_seconds += time.perf_counter() - began
-            for sample, outcome in zip(detected[start:start + batch_size], results):
+            bar.update(len(batch_faces))
+            for sample, outcome in zip(detected[start:start + step], results):
                 row = index_of[id(sample)]
                 if predictions is not None:
                     predictions.append(prediction_row(sample, format_name, aus, outcome.text, outcome.error,
@@ -158,6 +162,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
                         levels_true.append(sample.intensities.get(a, 0))
                         levels_pred.append(value or 0.0)
                         level_aus.append(a)
+        bar.close()
         if predictions is not None:
             predictions += [prediction_row(sample, format_name, aus, "", reason, None) for sample, reason in undetected]
         metrics = presence_metrics(truth, predicted, aus, known)

@@ -278,7 +278,6 @@ class Trainer:
             raise ValueError(f"the global batch ({config.batch_size}, encoder {config.encoder_batch}) is split across "
                              f"{processes} processes: it must hold at least one image per process")
         self.out = Path(config.out)
-        self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         model_config = AULlavaConfig(base_llm=config.base_llm, **config.model)
         # the data first: a broken manifest or missing images are reported before the LLM loads
@@ -293,6 +292,7 @@ class Trainer:
             raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
         for warning in label_warnings(self.table.samples, model_config.aus):
             self.log(f"warning: {warning}")
+        self.out.mkdir(parents=True, exist_ok=True)  # once the data is known good: a refused run leaves no folder
         self.model = self._build_model(model_config).to(self.device)
         self.aus = model_config.aus
         labels, known = presence_labels(self.table.samples, self.aus)
