@@ -40,7 +40,7 @@ TOO_LONG = ("That message is over {limit:,} characters long; please ask in at mo
             "(one short question works best).")
 NOT_READABLE = ("The model's answer for this face could not be read as AUs ({error}), so I have no Action "
                 "Units to talk about. Try another answer format or another photo.")
-FALLBACK_NOTE = "(The language model's wording did not match the analysis, so here are the facts.)"
+FALLBACK_NOTE = "(Stated from the analysis itself: the language model's own wording did not match it.)"
 
 
 # ----- what the chat knows about one face ---------------------------------------------------------------
