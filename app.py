@@ -98,7 +98,9 @@ def as_text(text: str) -> str:
 
 # ----- event handlers -------------------------------------------------------------------------------------
 def _empty_outputs(message: str):
-    return (as_text(message), "", None, None, gr.update(choices=[], value=None, visible=False), "", None, None, None)
+    # the face selector is hidden, its choices kept: a request already on its way with the old selection (say
+    # "Face 3") would otherwise fail Gradio's check of the value against empty choices, an "Error" badge
+    return (as_text(message), "", None, None, gr.update(value=None, visible=False), "", None, None, None)
 
 
 def _view(session: logic.Session, index: int, status: str | None = None):
@@ -350,9 +352,11 @@ def build() -> gr.Blocks:
 
         outputs = [status, text, bars, overlay, face, hint, result_json, downloads, session]
         common = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
+        asked = question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
         # a new face, a new chat: cleared first, in the same chain, so that what follows the analysis reads the
-        # cleared chat (a separate listener raced it and the previous photo's exchange came back)
-        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private").then(
+        # cleared chat, and an answer still streaming about the previous face is stopped (its next update would
+        # bring the old exchange back)
+        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private", cancels=[asked]).then(
             analyse, [image, fmt, session, face], outputs, api_name="analyse", **common).then(
             ask_pending, [pending_question, chatbot, session, face], [chatbot, pending_question],
             api_visibility="private", **common)
@@ -361,7 +365,6 @@ def build() -> gr.Blocks:
                    trigger_mode="always_last", **common).success(
             note_new_format, [chatbot, session], chatbot, api_visibility="private", queue=False)
         face.input(show_face, [face, session], outputs, api_visibility="private", concurrency_limit=None)
-        question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
         video_button.click(analyse_video, [video, video_fmt, video_fps], [video_status, video_series, video_downloads],
                            api_name="analyse_video", **common)
         camera.stream(live, [camera, live_mode, live_session], [live_status, live_text, live_bars, live_overlay, live_session],
