@@ -125,6 +125,9 @@ def analyse(image, format_name, session=None, face=None):
     Returns (status, model text, AU chart, face overlay, face selector, emotion hint, result JSON, downloads);
     every problem comes back as a plain sentence in `status` (and a warning toast), never as an exception."""
     started = time.perf_counter()
+    previous = session if isinstance(session, logic.Session) else None
+    if previous is not None and (not image or logic.image_key(image) != previous.key):
+        previous.replaced = True  # an answer still streaming about it stops (its updates would undo the clear)
     if image is None or image == "":
         if image == "":
             message = "That file could not be read as an image."
@@ -134,7 +137,6 @@ def analyse(image, format_name, session=None, face=None):
     format_name = format_name or DEFAULT_FORMAT
     try:
         analyzer = logic.get_analyzer()
-        previous = session if isinstance(session, logic.Session) else None
         new = logic.analyse(analyzer, image, format_name, previous, max_faces=MAX_PAGE_FACES)
         index = logic.face_index(face) if previous is not None and previous.key == new.key else 0
         outputs = _view(new, index)
@@ -179,6 +181,8 @@ def chat(message, history, session=None, face=None):
     shown_at, text = 0.0, None
     try:
         for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
+            if getattr(session, "replaced", False):
+                return  # the page shows another face now, and a cleared chat
             if time.perf_counter() - shown_at >= CHAT_UPDATE_EVERY:  # each update re-sends the whole history
                 shown_at = time.perf_counter()
                 yield history + [{"role": "assistant", "content": as_text(text)}], ""
@@ -352,11 +356,10 @@ def build() -> gr.Blocks:
 
         outputs = [status, text, bars, overlay, face, hint, result_json, downloads, session]
         common = dict(concurrency_limit=CONCURRENCY, concurrency_id="model")
-        asked = question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
+        question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
         # a new face, a new chat: cleared first, in the same chain, so that what follows the analysis reads the
-        # cleared chat, and an answer still streaming about the previous face is stopped (its next update would
-        # bring the old exchange back)
-        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private", cancels=[asked]).then(
+        # cleared chat (an answer still streaming about the previous face stops itself: Session.replaced)
+        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private").then(
             analyse, [image, fmt, session, face], outputs, api_name="analyse", **common).then(
             ask_pending, [pending_question, chatbot, session, face], [chatbot, pending_question],
             api_visibility="private", **common)

@@ -96,6 +96,7 @@ class Session:
     seconds: dict = field(default_factory=dict)
     image_size: tuple = (0, 0)
     source: str = ""  # the image file's name as uploaded ("" for an image given as pixels)
+    replaced: bool = False  # another image (or none) has taken its place on the page
 
     def result(self, index: int):
         index = index if 0 <= index < len(self.results) else 0

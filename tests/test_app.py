@@ -457,3 +457,22 @@ def test_a_format_change_is_noted_in_a_chat_that_has_answers():
     assert noted[:2] == asked and noted[2]["role"] == "assistant" and "JSON" in noted[2]["content"]
     assert app.note_new_format([], session) == []  # nothing to put in context
     assert app.note_new_format(asked, None) == asked  # the re-analysis failed: its sentence is in the status
+
+
+def test_an_answer_streaming_about_a_replaced_photo_stops(monkeypatch):
+    import app
+
+    session = _session()
+
+    def streaming(*args, **kwargs):
+        for n in range(1, 6):
+            yield "word " * n
+
+    monkeypatch.setattr(app.chat_lib, "respond", streaming)
+    monkeypatch.setattr(app, "CHAT_UPDATE_EVERY", 0.0)
+    monkeypatch.setattr(app.logic, "get_analyzer", lambda: None)  # no model: `respond` above stands in for it
+    updates = app.chat("is AU12 there?", [], session)
+    next(updates)
+    app.analyse(None, "list", session)  # the photo removed (x): the page's chat is cleared
+    assert session.replaced
+    assert list(updates) == []  # no later update brings the old exchange back
