@@ -122,9 +122,9 @@ def _face_rows(outcome, base: dict, face_ids=None) -> list[dict]:
     return rows
 
 
-def rows_for(analyzer, path: Path, frame: int, format_name: str) -> list[dict]:
+def rows_for(analyzer, path: Path, frame: int, format_name: str, name: str | None = None) -> list[dict]:
     """The CSV rows of one image: one per face, or one failure row."""
-    base = {"file": str(path), "frame": frame, "timestamp": 0.0, "format": format_name}
+    base = {"file": name or str(path), "frame": frame, "timestamp": 0.0, "format": format_name}
     try:
         outcome = analyzer.analyze(path, format_name)
     except FaceError as error:
@@ -133,10 +133,10 @@ def rows_for(analyzer, path: Path, frame: int, format_name: str) -> list[dict]:
 
 
 def video_rows(analyzer, path: Path, format_name: str, fps: float | None = DEFAULT_FPS,
-               progress: bool = True) -> Iterator[list[dict]]:
+               progress: bool = True, name: str | None = None) -> Iterator[list[dict]]:
     """The rows of each sampled frame of a video (faces keep their id across frames), in time order; a video
     that cannot be opened is one failure row, a frame that cannot be decoded or has no face is one each."""
-    base = {"file": str(path), "format": format_name}
+    base = {"file": name or str(path), "format": format_name}  # name: what the rows call the file, if not its path
     try:
         total = video_info(path).sampled_frames(fps)
         frames = read_frames(path, fps)
@@ -194,19 +194,21 @@ class RowWriter:
 
 
 def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jsonl_path=None,
-                  progress: bool = True, fps: float | None = DEFAULT_FPS) -> BatchSummary:
+                  progress: bool = True, fps: float | None = DEFAULT_FPS, names: dict | None = None) -> BatchSummary:
     """Analyse every image and video of `items` (files and folders; videos sampled at `fps` frames per
-    second), writing rows as they come (a crash keeps what was written). Returns a summary; the caller decides
-    the exit code."""
+    second), writing rows as they come (a crash keeps what was written). `names`: what the rows call an
+    input's file, by its path (default: the path). Returns a summary; the caller decides the exit code."""
     fmt_lib.get_format(format_name)
+    names = names or {}
     paths = expand_inputs(items)
     summary = BatchSummary()
     writer = RowWriter(analyzer.aus, csv_path, jsonl_path)
     try:
         for frame, path in enumerate(tqdm(paths, desc="analyse", unit="file", disable=not progress), start=1):
             summary.begin(path)
-            groups = (video_rows(analyzer, path, format_name, fps, progress) if is_video(path)
-                      else [rows_for(analyzer, path, frame, format_name)])
+            name = names.get(str(path))
+            groups = (video_rows(analyzer, path, format_name, fps, progress, name) if is_video(path)
+                      else [rows_for(analyzer, path, frame, format_name, name)])
             for rows in groups:
                 summary.record(path, rows)
                 writer.write(rows)

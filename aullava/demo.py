@@ -363,19 +363,6 @@ def download_files(session: Session) -> list[str]:
     return paths
 
 
-def _name_rows_file(csv_path: Path, jsonl_path: Path, name: str):
-    """The rows' `file` as the uploaded video's name, not the server's temp path of it."""
-    with open(csv_path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        fields, rows = reader.fieldnames, [{**row, "file": name} for row in reader]
-    with open(csv_path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [json.dumps({**json.loads(line), "file": name}) for line in jsonl_path.read_text().splitlines() if line]
-    jsonl_path.write_text("".join(line + "\n" for line in lines))
-
-
 def _prune_downloads():
     files = sorted(_download_dir.glob("aullava-*"), key=lambda p: p.stat().st_mtime, reverse=True)
     for stale in files[KEEP_DOWNLOADS:]:
@@ -409,8 +396,8 @@ def analyse_video(analyzer, path, format_name: str, fps: float) -> VideoAnalysis
                          "`python -m aullava analyze VIDEO --csv out.csv` for long videos.")
     stem = _download_stem(Path(path).name, f"{path}{time.time()}")
     csv_path, jsonl_path = _download_dir / f"{stem}.csv", _download_dir / f"{stem}.jsonl"
-    batch = analyze_batch(analyzer, [path], format_name, csv_path, jsonl_path, fps=fps)
-    _name_rows_file(csv_path, jsonl_path, Path(path).name)
+    # the rows name the uploaded file, not the server's temp path of it
+    batch = analyze_batch(analyzer, [path], format_name, csv_path, jsonl_path, fps=fps, names={str(path): Path(path).name})
     rows = next(iter(batch.video_rows.values()), [])
     analysed = sum(1 for r in rows if r["success"] == 1)
     faces = sorted({r["face_id"] for r in rows if r["face_id"] != ""})
