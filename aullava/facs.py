@@ -53,6 +53,7 @@ AUS: dict[int, ActionUnit] = {n: ActionUnit(n, name, muscles, region) for n, nam
 # FACS intensity letters: A trace, B slight, C marked, D severe, E maximum (0 = absent).
 INTENSITY_LETTERS = "ABCDE"
 INTENSITY_WORDS = ("absent", "trace", "slight", "marked", "severe", "maximum")
+MAX_INTENSITY = len(INTENSITY_LETTERS)  # E
 # The level taught (and drafted) for a present AU where no label codes its intensity and no coded example
 # gives a mean: C, "marked", the middle of the scale.
 UNCODED_INTENSITY = 3

@@ -24,7 +24,7 @@ from typing import Callable, Iterable, Iterator, Mapping
 
 from . import facs
 
-MAX_INTENSITY = 5
+MAX_INTENSITY = facs.MAX_INTENSITY
 _LEVEL_WORDS = facs.INTENSITY_WORDS[1:MAX_INTENSITY + 1]  # trace .. maximum, for levels 1..5
 
 END = None  # the Choice option meaning "the answer stops here"

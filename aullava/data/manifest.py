@@ -17,9 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..facs import UNCODED_INTENSITY
+from ..facs import MAX_INTENSITY, UNCODED_INTENSITY
 
-MAX_LEVEL = 5  # FACS intensity E
 REQUIRED_COLUMNS = ("path", "subject", "aus")
 COLUMNS = ("path", "subject", "sequence", "frame", "kind", "emotion", "aus", "intensities", "unknown", "coded")
 KINDS = ("peak", "near_peak", "neutral")
@@ -66,8 +65,8 @@ def _parse_intensities(text: str, row: str) -> dict:
             au, level = int(float(au)), int(level)
         except ValueError:
             raise ManifestError(f"{row}: cannot read intensity {pair!r} (expected 'AU:level')") from None
-        if not 0 <= level <= MAX_LEVEL:
-            raise ManifestError(f"{row}: intensity {pair!r} is outside 0-{MAX_LEVEL} (FACS levels A-E are 1-5, "
+        if not 0 <= level <= MAX_INTENSITY:
+            raise ManifestError(f"{row}: intensity {pair!r} is outside 0-{MAX_INTENSITY} (FACS levels A-E are 1-5, "
                                 "0 = present, level not coded)")
         if level > 0:
             levels[au] = level
