@@ -58,14 +58,15 @@ class BatchSummary:
     videos: int = 0
     video_frames: int = 0
     faces: int = 0
-    failed: list = field(default_factory=list)  # (file, reason): images and video frames without a result
+    # (where, reason, file): images and video frames without a result; where = the file, or "file frame N"
+    failed: list = field(default_factory=list)
     video_rows: dict = field(default_factory=dict)  # video file -> its rows, for time-series plots
 
     def __str__(self):
         media = f"{self.images} image(s)" + (f", {self.video_frames} frame(s) of {self.videos} video(s)"
                                              if self.videos else "")
         text = f"{media}, {self.faces} face(s) analysed, {len(self.failed)} without a result"
-        return text + "".join(f"\n  {failure_line(place, reason)}" for place, reason in self.failed[:20])
+        return text + "".join(f"\n  {failure_line(place, reason, path)}" for place, reason, path in self.failed[:20])
 
     def begin(self, path):
         """Counts one input (an image or a video) about to be analysed."""
@@ -81,7 +82,7 @@ class BatchSummary:
             self.video_frames += rows[0]["frame"] != ""
         self.faces += sum(1 for r in rows if r["face_id"] != "")
         if rows[0]["face_id"] == "":
-            self.failed.append((failure_place(path, rows[0]), rows[0]["reason"]))
+            self.failed.append((failure_place(path, rows[0]), rows[0]["reason"], str(path)))
 
 
 def failure_place(path, row: dict) -> str:
@@ -89,10 +90,10 @@ def failure_place(path, row: dict) -> str:
     return f"{path} frame {row['frame']}" if is_video(path) and row["frame"] != "" else str(path)
 
 
-def failure_line(place: str, reason: str) -> str:
+def failure_line(place: str, reason: str, path=None) -> str:
     """`place: reason`, the file named once: reasons about a whole file begin with its name ("x.jpg is not an
-    image", "clip.mp4: not a video ..."), which the place then stands in for."""
-    path = place.split(" frame ")[0]
+    image", "clip.mp4: not a video ..."), which the place (`path`, or where in it) then stands in for."""
+    path = str(path if path is not None else place)
     for name in (path, Path(path).name):
         if reason.startswith(name):
             return place + reason[len(name):]

@@ -134,7 +134,7 @@ def _print_video(analyzer, video: str, args) -> int:
                 print(json.dumps(row))
             if not row["success"]:
                 failed += 1
-                print(failure_line(failure_place(video, row), row["reason"]), file=sys.stderr)
+                print(failure_line(failure_place(video, row), row["reason"], video), file=sys.stderr)
             elif not args.json:
                 active = [key[:-2] for key, value in row.items() if key.endswith("_c") and value]
                 print(f"{video} t={row['timestamp']:.2f}s frame {row['frame']} face {row['face_id']}: "
