@@ -175,7 +175,8 @@ def _evaluate(args) -> int:
 
     manifest = _manifests(args.manifest)
     kinds, subjects = _names(args.kinds), _names(args.subjects)
-    samples, _ = scored_samples(manifest, args.images_root, kinds, subjects)  # refused before the model loads
+    scored = scored_samples(manifest, args.images_root, kinds, subjects)  # refused before the model loads
+    samples = scored[0]
     _writable(args.out, "--out")
     _writable(args.predictions, "--predictions")
     analyzer = Analyzer(args.checkpoint, speculate=not args.no_speculate)
@@ -184,7 +185,7 @@ def _evaluate(args) -> int:
         print(f"warning: {warning}", file=sys.stderr)
     rows = [] if args.predictions else None
     report = evaluate(analyzer, manifest, args.images_root, tuple(args.formats), kinds, subjects, predictions=rows,
-                      diagnostics=not args.no_diagnostics)
+                      diagnostics=not args.no_diagnostics, scored=scored)
     if rows is not None:
         with open(args.predictions, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]) if rows else ["path"])

@@ -106,13 +106,14 @@ def scored_samples(manifest, images_root=None, kinds=None, subjects=None) -> tup
 
 def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), kinds=None,
              subjects=None, batch_size: int = 16, progress: bool = True, diagnostics: bool = True,
-             predictions: list | None = None) -> dict:
+             predictions: list | None = None, scored: tuple | None = None) -> dict:
     """Metrics of the model's written answers per format. With `diagnostics`, also (labelled apart, never as
     the model's answer) its encoder's own per-AU head and the fast read-out of the live mode: what the
     features know, and how much of it the writing keeps; and the read-out on chimeric faces: whether the LLM
     reads each AU's token or the face as a whole. `predictions`, a list, receives one row per image and format
-    (see prediction_row): what the model wrote for each face, parsed, beside its labels."""
-    samples, missing = scored_samples(manifest, images_root, kinds, subjects)
+    (see prediction_row): what the model wrote for each face, parsed, beside its labels. `scored`: what
+    `scored_samples` gave for these arguments, where the caller has it already."""
+    samples, missing = scored if scored is not None else scored_samples(manifest, images_root, kinds, subjects)
     aus = analyzer.aus
     detected, faces, detect_seconds, undetected = [], [], 0.0, []  # undetected: (sample, reason)
     for sample in tqdm(samples, desc="detect", disable=not progress, unit="img"):
