@@ -82,6 +82,25 @@ def intensity_metrics(truth: list, predicted: list, aus: list | None = None) -> 
     return out
 
 
+def asked_groups(samples, aus) -> list[tuple[tuple, list[int]]]:
+    """The samples' positions grouped by the AUs each is asked about, as in training: those of the model's
+    `aus` it has a label for (a DISFA frame of a model trained with BP4D is asked DISFA's AUs), in order."""
+    groups: dict = {}
+    for i, sample in enumerate(samples):
+        groups.setdefault(tuple(a for a in aus if sample.is_known(a)) or tuple(aus), []).append(i)
+    return list(groups.items())
+
+
+def level_pairs(sample, result, aus) -> list[tuple]:
+    """(coded level, written level, AU) for the AUs whose level the labels give: a present AU's coded level,
+    or 0 for an AU labelled absent. Nothing for an image without coded levels or an answer without levels; an AU
+    without a label (unknown, or not coded by its dataset) or present without a coded level is left out."""
+    if not sample.intensities or all(v is None for v in result.intensity.values()):
+        return []
+    return [(sample.intensities.get(a, 0), result.intensity.get(a) or 0.0, a) for a in aus
+            if sample.is_known(a) and (a not in sample.aus or a in sample.intensities)]
+
+
 def scored_samples(manifest, images_root=None, kinds=None, subjects=None) -> tuple[list, list]:
     """The manifest rows `evaluate` scores (without `kinds`, all but near_peak; only `subjects` if given), and
     those of them whose image file is missing (scored as undetected, like an unreadable image). A subject without
@@ -140,28 +159,27 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
         bar = tqdm(total=len(detected), desc=format_name, disable=not progress, unit="img")
         # speculating, the model writes one face at a time anyway: the bar can move per image
         step = 1 if getattr(analyzer, "speculate", False) else batch_size
-        for start in range(0, len(detected), step):
-            batch_faces = faces[start:start + step]
-            began = time.perf_counter()
-            results = analyzer.describe(batch_faces, format_name)
-            gen_seconds += time.perf_counter() - began
-            bar.update(len(batch_faces))
-            for sample, outcome in zip(detected[start:start + step], results):
-                row = index_of[id(sample)]
-                if predictions is not None:
-                    predictions.append(prediction_row(sample, format_name, aus, outcome.text, outcome.error,
-                                                      outcome.result))
-                if outcome.result is None:
-                    parse_failures.append({"path": str(sample.path), "text": outcome.text, "error": outcome.error})
-                    continue
-                predicted[row] = [outcome.result.present[a] for a in aus]
-                if sample.intensities and any(v is not None for v in outcome.result.intensity.values()):
-                    for a in aus:
-                        if a in sample.aus and a not in sample.intensities:
-                            continue  # present but its intensity was not coded
-                        value = outcome.result.intensity.get(a)
-                        levels_true.append(sample.intensities.get(a, 0))
-                        levels_pred.append(value or 0.0)
+        for asked, members in asked_groups(detected, aus):
+            for start in range(0, len(members), step):
+                chunk = members[start:start + step]
+                began = time.perf_counter()
+                results = analyzer.describe([faces[i] for i in chunk], format_name, aus=asked)
+                gen_seconds += time.perf_counter() - began
+                bar.update(len(chunk))
+                for i, outcome in zip(chunk, results):
+                    sample = detected[i]
+                    row = index_of[id(sample)]
+                    if predictions is not None:
+                        predictions.append(prediction_row(sample, format_name, aus, outcome.text, outcome.error,
+                                                          outcome.result))
+                    if outcome.result is None:
+                        parse_failures.append({"path": str(sample.path), "text": outcome.text,
+                                               "error": outcome.error})
+                        continue
+                    predicted[row] = [outcome.result.present.get(a, False) for a in aus]  # unasked: no label
+                    for coded, written, a in level_pairs(sample, outcome.result, asked):
+                        levels_true.append(coded)
+                        levels_pred.append(written)
                         level_aus.append(a)
         bar.close()
         if predictions is not None:
@@ -186,15 +204,16 @@ def prediction_row(sample, format_name, aus, text, error, result) -> dict:
     """One image's answer in one format beside its labels: `AUn_true` (1, 0, or empty where the label is not
     known), `AUn_pred` (1 or 0 as the parsed answer implies) and `AUn_intensity` (where the format writes one),
     n in two digits as the model writes it and OpenFace names its columns (AU01_true); empty where nothing was
-    parsed."""
+    parsed, or the AU was not asked (an image is asked the AUs it has labels for)."""
     row = {"path": str(sample.path), "subject": sample.subject, "sequence": sample.sequence, "frame": sample.frame,
            "kind": sample.kind, "emotion": sample.emotion, "format": format_name, "text": text, "error": error or ""}
     for a in aus:
         code = au_code(a)
         row[f"{code}_true"] = int(a in sample.aus) if sample.is_known(a) else ""
         row[f"{code}_true_intensity"] = sample.intensities.get(a, "")  # the coded level, where there is one
-        row[f"{code}_pred"] = "" if result is None else int(bool(result.present[a]))
-        level = None if result is None else result.intensity.get(a)
+        asked = result is not None and a in result.present  # an image is asked only the AUs it has labels for
+        row[f"{code}_pred"] = int(bool(result.present[a])) if asked else ""
+        level = result.intensity[a] if asked else None
         row[f"{code}_intensity"] = "" if level is None else level
     return row
 

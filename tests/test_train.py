@@ -229,6 +229,24 @@ def test_unknown_labels_are_masked_from_the_losses_and_the_metrics(tiny_manifest
     assert presence_metrics(truth, predicted, [4], np.array([[False], [True]]))["per_au"]["AU4"]["support"] == 0
 
 
+def test_intensity_pairs_leave_out_aus_without_a_label():
+    from pathlib import Path
+
+    from aullava.data.manifest import Sample
+    from aullava.evaluate import level_pairs
+    from aullava.formats import AUResult
+
+    aus = (1, 4, 6, 12, 25)
+    written = AUResult(aus, {6: True, 12: True, 25: True}, {1: 0.0, 4: 0.0, 6: 2.0, 12: 3.0, 25: 1.0})
+    # a BP4D-like frame: AU12 at level 3, AU6 present without a level, AU4 unknown, AU25 not coded by its dataset
+    frame = Sample(Path("f.jpg"), "S1", aus=frozenset({6, 12}), intensities={12: 3}, unknown=frozenset({4}),
+                   coded=frozenset({1, 4, 6, 12}))
+    assert level_pairs(frame, written, aus) == [(0, 0.0, 1), (3, 3.0, 12)]
+    assert level_pairs(Sample(Path("g.jpg"), "S1", aus=frozenset({12})), written, aus) == []  # no level coded
+    presence_only = AUResult(aus, {12: True})
+    assert level_pairs(frame, presence_only, aus) == []
+
+
 def test_several_datasets_each_asked_only_the_aus_they_code(tiny_manifest, tmp_path, grace_hopper):
     """As the paper trains on BP4D + DISFA + FEAFA: an image of a dataset that codes fewer AUs is asked, and
     taught, only about those; its missing AUs are no label (not "absent") in every loss."""
@@ -273,6 +291,15 @@ def test_several_datasets_each_asked_only_the_aus_they_code(tiny_manifest, tmp_p
     assert get_format("binary").parse(answer.text, narrow).aus == narrow
     with pytest.raises(ValueError, match="subset"):
         analyzer.describe(faces[:1], "binary", aus=(1, 3))
+
+    from aullava.evaluate import evaluate
+
+    predictions = []  # evaluated as trained: each image asked the AUs its dataset codes
+    evaluate(analyzer, config.manifest, formats=("binary",), diagnostics=False, progress=False,
+             predictions=predictions)
+    narrow_rows = [p for p in predictions if "AU07" not in p["text"]]
+    assert len(narrow_rows) == len(predictions) // 2 and all(p["AU07_pred"] == "" for p in narrow_rows)
+    assert all(p["AU07_pred"] in (0, 1) for p in predictions if p not in narrow_rows)
 
 
 def test_a_truncated_landmark_cache_file_is_recomputed(tiny_manifest, tmp_path, monkeypatch):
