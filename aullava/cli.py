@@ -137,7 +137,7 @@ def _print_video(analyzer, video: str, args) -> int:
                 print(failure_line(failure_place(video, row), row["reason"], video), file=sys.stderr)
             elif not args.json:
                 active = [key[:-2] for key, value in row.items() if key.endswith("_c") and value]
-                print(f"{video} t={row['timestamp']:.2f}s frame {row['frame']} face {row['face_id']}: "
+                print(f"{video} t={row['timestamp']:.2f}s frame {row['frame']} face_id {row['face_id']}: "
                       f"{', '.join(active) or 'no AU'}")
     return failed
 

@@ -110,7 +110,7 @@ class Session:
         if face_result.result is None:
             return None
         return FaceFacts.from_result(face_result.result, fmt_lib.get_format(self.format).title,
-                                     face_result.face.index + 1, len(self.results))
+                                     face_result.face.number, len(self.results))
 
     def parse_error(self, index: int) -> str | None:
         return self.result(index).error if self.results else None
@@ -209,7 +209,7 @@ def _shrunk(image, max_side: int):
 def face_choices(session: Session | None) -> list[str]:
     if session is None:
         return []
-    return [f"Face {r.face.index + 1}" for r in session.results]
+    return [f"Face {r.face.number}" for r in session.results]
 
 
 def face_index(choice) -> int:
@@ -251,7 +251,7 @@ def emotion_hint(result) -> str:
 def chart(session: Session, index: int) -> Image.Image:
     face_result = session.result(index)
     fmt = fmt_lib.get_format(session.format)
-    title = f"Face {face_result.face.index + 1} - {fmt.title}"
+    title = f"Face {face_result.face.number} - {fmt.title}"
     if face_result.result is None:
         return plots.message_image(f"{title}\nThe model's answer could not be read,\nso there is nothing to chart.")
     return plots.intensity_chart(face_result.result, title=title, carries_intensity=fmt.carries_intensity)
@@ -291,7 +291,6 @@ def result_dict(session: Session) -> dict:
     faces = []
     for face_result in session.results:
         entry = face_result.to_dict()
-        entry["face"] = face_result.face.index + 1
         entry["choice_probabilities"] = face_result.confidence  # of each choice the LLM made, in writing order
         if face_result.result is not None:
             result = face_result.result
@@ -319,7 +318,7 @@ def result_csv(session: Session) -> str:
     writer = csv.DictWriter(out, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()
     for face_result in session.results:
-        common = {"image": session.source, "face": face_result.face.index + 1,
+        common = {"image": session.source, "face": face_result.face.number,
                   "box": " ".join(f"{float(v):.1f}" for v in face_result.face.box),
                   "format": session.format, "model_text": face_result.text, "parse_error": face_result.error or ""}
         if face_result.result is None:

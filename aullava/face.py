@@ -382,6 +382,12 @@ class Face:
     fallback: bool = False  # True: no detection, the whole tight crop was taken as the face
 
     @property
+    def number(self) -> int:
+        """The face's name for people, "face 1" the largest: the page, printed lines and result JSON count from 1;
+        only the OpenFace-style rows' `face_id` counts from 0, as OpenFace's does."""
+        return self.index + 1
+
+    @property
     def width(self) -> float:
         return self.box[2] - self.box[0]
 

@@ -172,12 +172,12 @@ def au_time_series(rows: list[dict], aus, face_id=None, title: str = "", max_aus
         face_id = max(counts, key=counts.get)
     track = sorted((r for r in faces if str(r["face_id"]) == str(face_id)), key=lambda r: float(r["timestamp"]))
     if not track:
-        return message_image(f"Face {face_id} does not appear in this video.")
+        return message_image(f"face_id {face_id} does not appear in this video.")
     times = np.array([float(r["timestamp"]) for r in track])
     has_intensity = any(r.get(f"{au_code(a)}_r", "") != "" for r in track for a in aus)
     active = [a for a in facs.sort_by_region(aus) if any(str(r.get(f"{au_code(a)}_c")) == "1" for r in track)]
     if not active:
-        return message_image(f"Face {face_id}: no AU active in any of its {len(track)} frames.")
+        return message_image(f"face_id {face_id}: no AU active in any of its {len(track)} frames.")
     shown = active[:max_aus]
     fig = Figure(figsize=(7.2, 0.9 + 0.62 * len(shown)), dpi=dpi)
     axes = fig.subplots(len(shown), 1, sharex=True, squeeze=False)[:, 0]
@@ -200,7 +200,7 @@ def au_time_series(rows: list[dict], aus, face_id=None, title: str = "", max_aus
     axes[-1].set_xlabel("time (s)", fontsize=8)
     scale = "intensity 0-5 as written by the model" if has_intensity else "presence as written by the model"
     more = f"; {len(active) - len(shown)} more AUs not shown" if len(active) > len(shown) else ""
-    fig.suptitle(f"{title + ' - ' if title else ''}face {face_id}, {len(track)} frames, {scale}{more}",
+    fig.suptitle(f"{title + ' - ' if title else ''}face_id {face_id}, {len(track)} frames, {scale}{more}",
                  x=0.02, ha="left", fontsize=9)
     fig.subplots_adjust(left=0.36, right=0.98, top=1 - 0.5 / fig.get_figheight(), bottom=0.5 / fig.get_figheight(),
                         hspace=0.35)

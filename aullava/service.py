@@ -33,7 +33,7 @@ class FaceResult:
     confidence: list = field(default_factory=list)  # probability of each choice the LLM made
 
     def to_dict(self) -> dict:
-        return {"face": self.face.index, "box": [round(float(v), 1) for v in self.face.box],
+        return {"face": self.face.number, "box": [round(float(v), 1) for v in self.face.box],
                 "detection_score": round(float(self.face.score), 3),
                 "landmarks": np.round(self.face.landmarks.astype(float), 1).tolist(),  # dlib's 68, image pixels
                 "format": self.format, "text": self.text,

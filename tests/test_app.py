@@ -321,12 +321,11 @@ def test_benchmark_analyse_p50_and_chat(server):
 
 
 # ----- pure: aullava.demo ------------------------------------------------------------------------------------------
-class _Face:
-    def __init__(self, index):
-        self.index, self.box, self.score = index, (10.0, 20.0, 110.0, 140.0), 1.0
-        from aullava.face import DLIB_MEAN_SHAPE
+def _face(index):
+    from aullava.face import DLIB_MEAN_SHAPE, Face
 
-        self.landmarks = DLIB_MEAN_SHAPE * 100 + (10, 20)
+    return Face(index, (10.0, 20.0, 110.0, 140.0), 1.0, DLIB_MEAN_SHAPE * 100 + (10, 20),
+                np.zeros((64, 64), np.uint8), DLIB_MEAN_SHAPE * 64)
 
 
 def _session(active=(6, 12), fmt="intensity", error=None):
@@ -336,7 +335,7 @@ def _session(active=(6, 12), fmt="intensity", error=None):
 
     aus = (1, 4, 6, 12, 25)
     result = None if error else AUResult.from_active(aus, active, {a: 3.0 for a in active})
-    faces = [_Face(0), _Face(1)]
+    faces = [_face(0), _face(1)]
     results = [FaceResult(faces[0], fmt, "AU06:3 AU12:3", result, error, [0.9]),
                FaceResult(faces[1], fmt, "AU06:3 AU12:3", result, error, [0.8])]
     return demo.Session("key", Image.new("RGB", (200, 200)), 1.0, faces, fmt, results, {"detect": 0.1,
@@ -406,7 +405,7 @@ def test_live_frames_show_the_read_out_or_the_written_answer(monkeypatch):
             calls.append(("detect", image.shape))
             if image.mean() < 5:
                 raise NoFaceError("No face was found in the image.")
-            return image, [_Face(0)]
+            return image, [_face(0)]
 
         def describe(self, faces, format_name):
             calls.append(("describe", format_name))

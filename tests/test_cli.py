@@ -22,6 +22,7 @@ def test_analyze_reports_every_face_and_keeps_going_past_bad_files(capsys, tmp_p
     lines = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert [line["image"].split("/")[-1] for line in lines] == ["single_face.jpg", "notes.jpg", "free-mountain-vector-01.jpg"]
     face = lines[0]["faces"][0]
+    assert face["face"] == 1  # as the page names it; only the OpenFace-style rows' face_id counts from 0
     assert face["parse_error"] is None and face["text"].startswith('{"active": [')
     assert set(face["aus"]) == {f"AU{a:02d}" for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)}
     x0, y0, x1, y1 = face["box"]
@@ -58,6 +59,7 @@ def test_analyze_a_folder_to_openface_style_csv_keeps_every_image(capsys, tmp_pa
     for column in ("face_id", "timestamp", "confidence", "AU01_r", "AU12_r", "AU27_r", "AU01_c", "AU12_c", "AU27_c"):
         assert column in table.columns
     face = table.iloc[0]
+    assert face["face_id"] == 0  # OpenFace's count
     assert face["AU12_c"] in (0, 1) and 0 <= face["AU12_r"] <= 5
     assert (face["AU12_c"] == 1) == (face["AU12_r"] > 0)
     assert len(lines.read_text().splitlines()) == 3
