@@ -8,6 +8,7 @@ otherwise.
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import sys
 from dataclasses import dataclass, field
@@ -60,13 +61,21 @@ class BatchSummary:
     faces: int = 0
     # (where, reason, file): images and video frames without a result; where = the file, or "file frame N"
     failed: list = field(default_factory=list)
+    unreadable: list = field(default_factory=list)  # (where, reason, file): faces whose answer could not be read
     video_rows: dict = field(default_factory=dict)  # video file -> its rows, for time-series plots
 
     def __str__(self):
         media = f"{self.images} image(s)" + (f", {self.video_frames} frame(s) of {self.videos} video(s)"
                                              if self.videos else "")
-        text = f"{media}, {self.faces} face(s) analysed, {len(self.failed)} without a result"
-        return text + "".join(f"\n  {failure_line(place, reason, path)}" for place, reason, path in self.failed[:20])
+        unreadable = f" ({len(self.unreadable)} answer(s) unreadable)" if self.unreadable else ""
+        text = f"{media}, {self.faces} face(s) analysed{unreadable}, {len(self.failed)} without a result"
+        return text + "".join(f"\n  {failure_line(place, reason, path)}"
+                              for place, reason, path in (self.failed + self.unreadable)[:20])
+
+    @property
+    def ok(self) -> bool:
+        """Every input gave a result and every face's answer was read (the exit code's question)."""
+        return not (self.failed or self.unreadable)
 
     def begin(self, path):
         """Counts one input (an image or a video) about to be analysed."""
@@ -83,6 +92,8 @@ class BatchSummary:
         self.faces += sum(1 for r in rows if r["face_id"] != "")
         if rows[0]["face_id"] == "":
             self.failed.append((failure_place(path, rows[0]), rows[0]["reason"], str(path)))
+        self.unreadable += [(f"{failure_place(path, r)} face_id {r['face_id']}", r["reason"], str(path))
+                            for r in rows if r["face_id"] != "" and not r["success"]]
 
 
 def failure_place(path, row: dict) -> str:
@@ -134,13 +145,15 @@ def rows_for(analyzer, path: Path, frame: int, format_name: str, name: str | Non
 
 
 def video_rows(analyzer, path: Path, format_name: str, fps: float | None = DEFAULT_FPS,
-               progress: bool = True, name: str | None = None) -> Iterator[list[dict]]:
-    """The rows of each sampled frame of a video (faces keep their id across frames), in time order; a video
-    that cannot be opened is one failure row, a frame that cannot be decoded or has no face is one each."""
+               progress: bool = True, name: str | None = None, max_frames: int | None = None) -> Iterator[list[dict]]:
+    """The rows of each sampled frame of a video (faces keep their id across frames), in time order, up to
+    `max_frames` sampled frames; a video that cannot be opened is one failure row, a frame that cannot be
+    decoded or has no face is one each."""
     base = {"file": name or str(path), "format": format_name}  # name: what the rows call the file, if not its path
     try:
         total = video_info(path).sampled_frames(fps)
-        frames = read_frames(path, fps)
+        total = min(total, max_frames) if total and max_frames else total or max_frames
+        frames = itertools.islice(read_frames(path, fps), max_frames)
         tracker = FaceTracker()
         for frame in tqdm(frames, desc=Path(path).name, unit="frame", total=total, disable=not progress,
                           leave=False):
@@ -195,10 +208,12 @@ class RowWriter:
 
 
 def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jsonl_path=None,
-                  progress: bool = True, fps: float | None = DEFAULT_FPS, names: dict | None = None) -> BatchSummary:
+                  progress: bool = True, fps: float | None = DEFAULT_FPS, names: dict | None = None,
+                  max_video_frames: int | None = None) -> BatchSummary:
     """Analyse every image and video of `items` (files and folders; videos sampled at `fps` frames per
-    second), writing rows as they come (a crash keeps what was written). `names`: what the rows call an
-    input's file, by its path (default: the path). Returns a summary; the caller decides the exit code."""
+    second, at most `max_video_frames` of each), writing rows as they come (a crash keeps what was written).
+    `names`: what the rows call an input's file, by its path (default: the path). Returns a summary; the
+    caller decides the exit code."""
     fmt_lib.get_format(format_name)
     names = names or {}
     paths = expand_inputs(items)
@@ -208,7 +223,7 @@ def analyze_batch(analyzer, items, format_name: str = "list", csv_path=None, jso
         for frame, path in enumerate(tqdm(paths, desc="analyse", unit="file", disable=not progress), start=1):
             summary.begin(path)
             name = names.get(str(path))
-            groups = (video_rows(analyzer, path, format_name, fps, progress, name) if is_video(path)
+            groups = (video_rows(analyzer, path, format_name, fps, progress, name, max_video_frames) if is_video(path)
                       else [rows_for(analyzer, path, frame, format_name, name)])
             for rows in groups:
                 summary.record(path, rows)

@@ -74,7 +74,7 @@ def _analyze(args) -> int:
                 _plot_videos(summary, analyzer.aus, args.plot)
             print(summary, file=sys.stderr)
             _print_rate(len(images), run["seconds"], run["processes"], run["per_process"])
-        return 1 if summary.failed else 0
+        return 0 if summary.ok else 1
     analyzer = get_analyzer(args.checkpoint)
     if args.csv or args.jsonl or args.plot:
         started = time.perf_counter()
@@ -83,7 +83,7 @@ def _analyze(args) -> int:
             _plot_videos(summary, analyzer.aus, args.plot)
         print(summary, file=sys.stderr)
         _print_rate(len(images), time.perf_counter() - started, 1, [len(images)])
-        return 1 if summary.failed else 0
+        return 0 if summary.ok else 1
     failed = 0
     for image in map(str, images):
         if is_video(image):
@@ -101,11 +101,14 @@ def _analyze(args) -> int:
         if args.json:
             print(json.dumps({"image": image, "faces": [f.to_dict() for f in outcome.faces],
                               "seconds": {k: round(v, 4) for k, v in outcome.seconds.items()}}))
+            for face in (f for f in outcome.faces if f.error):
+                print(f"{image} face {face.face.number}: {face.error}", file=sys.stderr)
+                failed += 1
             continue
         print(f"{image}: {len(outcome.faces)} face(s)")
         for face in outcome.faces:
             box = ", ".join(f"{v:.0f}" for v in face.face.box)
-            print(f"  face {face.face.index} box ({box})")
+            print(f"  face {face.face.number} box ({box})")
             print(f"    model ({args.format}): {face.text}")
             if face.error:
                 print(f"    {face.error}", file=sys.stderr)

@@ -372,6 +372,10 @@ def _prune_downloads():
 MAX_VIDEO_FRAMES = 600  # sampled frames one page request may analyse (the command line has no limit)
 
 
+class Refused(ValueError):
+    """A request the page turns down; its message is the sentence the page shows."""
+
+
 @dataclass
 class VideoAnalysis:
     summary: str
@@ -386,17 +390,18 @@ def analyse_video(analyzer, path, format_name: str, fps: float) -> VideoAnalysis
     from .video import video_info
 
     if not fps or fps <= 0:
-        raise ValueError("the sampling rate must be above 0 frames per second")
+        raise Refused("The sampling rate must be above 0 frames per second.")
     info = video_info(path)
     expected = info.sampled_frames(fps)
     if expected and expected > MAX_VIDEO_FRAMES:
-        raise ValueError(f"at {fps:g} frames per second this {info.duration:.0f} s video needs {expected} analysed "
+        raise Refused(f"At {fps:g} frames per second this {info.duration:.0f} s video needs {expected} analysed "
                          f"frames; the web demo analyses at most {MAX_VIDEO_FRAMES}. Lower the rate, or use "
                          "`python -m aullava analyze VIDEO --csv out.csv` for long videos.")
     stem = _download_stem(Path(path).name, f"{path}{time.time()}")
     csv_path, jsonl_path = _download_dir / f"{stem}.csv", _download_dir / f"{stem}.jsonl"
     # the rows name the uploaded file, not the server's temp path of it
-    batch = analyze_batch(analyzer, [path], format_name, csv_path, jsonl_path, fps=fps, names={str(path): Path(path).name})
+    batch = analyze_batch(analyzer, [path], format_name, csv_path, jsonl_path, fps=fps,
+                          names={str(path): Path(path).name}, max_video_frames=MAX_VIDEO_FRAMES)
     rows = next(iter(batch.video_rows.values()), [])
     analysed = sum(1 for r in rows if r["success"] == 1)
     faces = sorted({r["face_id"] for r in rows if r["face_id"] != ""})
@@ -404,6 +409,11 @@ def analyse_video(analyzer, path, format_name: str, fps: float) -> VideoAnalysis
                f"{len(faces)} face id(s), {len(batch.failed)} frame(s) without a result")
     if batch.failed:
         summary += " (first: " + batch.failed[0][1] + ")"
+    if batch.unreadable:
+        summary += f", {len(batch.unreadable)} face answer(s) that could not be read (first: {batch.unreadable[0][1]})"
+    if batch.video_frames >= MAX_VIDEO_FRAMES and not expected:  # a file that does not say how long it is
+        summary += (f"; stopped at the web demo's limit of {MAX_VIDEO_FRAMES} sampled frames, the rest is not "
+                    "analysed (`python -m aullava analyze VIDEO --csv out.csv` has no limit)")
     _prune_downloads()
     series = plots.au_time_series(rows, analyzer.aus, title=Path(path).name)
     return VideoAnalysis(summary + ".", series, [str(csv_path), str(jsonl_path)])
@@ -418,6 +428,8 @@ def error_sentence(error: BaseException, image=None) -> str:
         if isinstance(image, (str, os.PathLike)) and os.fspath(image):
             text = text.replace(os.fspath(image), f'"{Path(image).name}"')
         return text
+    if isinstance(error, Refused):
+        return str(error)
     if isinstance(error, MemoryError):
         return "The image is too large to process; try a smaller photo."
     if isinstance(error, ValueError) and "format" in str(error):

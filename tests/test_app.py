@@ -228,8 +228,30 @@ def test_video_longer_than_the_page_limit_is_refused_plainly(tmp_path, monkeypat
 
     video = write_video(tmp_path / "long.mp4", Image.open(grace_hopper_path()), seconds=2)
     monkeypatch.setattr(demo, "MAX_VIDEO_FRAMES", 10)
-    with pytest.raises(ValueError, match="needs 20 analysed frames; the web demo analyses at most 10"):
+    with pytest.raises(demo.Refused, match="needs 20 analysed frames; the web demo analyses at most 10") as refusal:
         demo.analyse_video(None, str(video), "list", 10)
+    assert demo.error_sentence(refusal.value, str(video)) == str(refusal.value)  # shown as it is, not "went wrong"
+    with pytest.raises(demo.Refused) as refusal:
+        demo.analyse_video(None, str(video), "list", 0)
+    assert demo.error_sentence(refusal.value) == "The sampling rate must be above 0 frames per second."
+
+
+def test_video_that_does_not_say_its_length_stops_at_the_page_limit(tmp_path, monkeypatch):
+    import csv
+
+    from PIL import Image
+
+    from aullava import demo, video as video_lib
+    from conftest import write_video
+
+    clip = write_video(tmp_path / "stream.mp4", Image.open(grace_hopper_path()), seconds=2)
+    monkeypatch.setattr(demo, "MAX_VIDEO_FRAMES", 3)
+    monkeypatch.setattr(demo, "_download_dir", tmp_path)
+    monkeypatch.setattr(video_lib, "video_info", lambda path: video_lib.VideoInfo(None, None))  # as some WebM
+    done = demo.analyse_video(demo.get_analyzer(), str(clip), "list", 10)
+    rows = list(csv.DictReader(open(next(p for p in done.downloads if p.endswith(".csv")))))
+    assert [r["frame"] for r in rows] == ["1", "2", "3"]  # 20 sampled frames in the file
+    assert "stopped at the web demo's limit of 3 sampled frames" in done.summary
 
 
 def test_chat_before_any_analysis_says_so(server):

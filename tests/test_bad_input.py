@@ -349,3 +349,32 @@ def test_label_warnings_name_what_the_model_will_not_learn():
     assert "1 image(s) are listed more than once (e.g. a.jpg)" in repeated
     assert unseen.startswith("no training face shows AU1:")
     assert len(label_warnings(samples, (1, 12), training=False)) == 2
+
+
+def test_a_face_whose_answer_cannot_be_read_fails_the_run_in_every_output_mode(analyzer, tmp_path, capsys,
+                                                                               monkeypatch):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from aullava import service
+    from aullava.cli import main
+    from conftest import grace_hopper_path
+
+    def unreadable(image, format_name="list", max_faces=None):
+        outcome = analyzer.analyze(image, format_name, max_faces)
+        outcome.faces = [dataclasses.replace(f, result=None, error="the answer is not a list of AU codes")
+                         for f in outcome.faces]
+        return outcome
+
+    monkeypatch.setattr(service, "get_analyzer", lambda checkpoint=None: SimpleNamespace(aus=analyzer.aus,
+                                                                                           analyze=unreadable))
+    photo = grace_hopper_path()
+    assert main(["analyze", photo, "--json"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["faces"][0]["parse_error"] and f"{photo} face 1: the answer is not" in err
+    rows = tmp_path / "rows.csv"
+    assert main(["analyze", photo, "--csv", str(rows)]) == 1
+    err = capsys.readouterr().err
+    assert "1 face(s) analysed (1 answer(s) unreadable), 0 without a result" in err
+    assert f"{photo} face_id 0: the answer is not a list of AU codes" in err
+    assert next(csv.DictReader(open(rows)))["success"] == "0"
