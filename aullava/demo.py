@@ -182,7 +182,7 @@ def live_update(analyzer, frame, mode: str = LIVE_DEFAULT) -> tuple[str, str, Im
     if mode not in LIVE_MODES:
         raise ValueError(f"unknown live mode {mode!r}; choose one of {', '.join(LIVE_MODES)}")
     if mode == "written":
-        session = analyse(analyzer, frame, LIVE_FORMAT, None, max_side=LIVE_MAX_SIDE)
+        session = analyse(analyzer, frame, LIVE_FORMAT, None, max_side=LIVE_MAX_SIDE, max_faces=1)  # the one shown
         what = f"the model's own written answer ({fmt_lib.get_format(LIVE_FORMAT).title})"
         return what, model_text(session, 0), chart(session, 0), overlay(session, 0)
     faces, display, scale, _ = _detect(analyzer, frame, LIVE_MAX_SIDE)

@@ -427,10 +427,10 @@ def test_live_frames_show_the_read_out_or_the_written_answer(monkeypatch):
             calls.append(("detect", image.shape))
             if image.mean() < 5:
                 raise NoFaceError("No face was found in the image.")
-            return image, [_face(0)]
+            return image, [_face(0), _face(1)]  # two people in view: only the largest is shown and written about
 
         def describe(self, faces, format_name):
-            calls.append(("describe", format_name))
+            calls.append(("describe", format_name, len(faces)))
             result = AUResult.from_active((1, 6, 12), [6, 12])
             return [FaceResult(faces[0], format_name, "AU06, AU12", result, None, [0.9, 0.8, 0.7])]
 
@@ -448,7 +448,7 @@ def test_live_frames_show_the_read_out_or_the_written_answer(monkeypatch):
     status, text, chart, overlay, state = app.live(frame, "written", state)
     assert status.startswith("Live update 2 (") and "the model's own written answer (List of active AUs)" in status
     assert text == "AU06, AU12" and chart.size[0] > 200 and overlay.size[0] > 100
-    assert calls[-1] == ("describe", demo.LIVE_FORMAT)
+    assert calls[-1] == ("describe", demo.LIVE_FORMAT, 1)
     status, text, chart, overlay, state = app.live(frame, "written", state)  # the same answer again
     assert status.startswith("Live update 3 (") and "the model's own written answer" in status
     assert isinstance(text, type(app.gr.skip())) and isinstance(chart, type(app.gr.skip()))  # stay as shown
