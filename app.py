@@ -314,13 +314,15 @@ def build() -> gr.Blocks:
                                               elem_id="aullava-question",
                                               submit_btn="Ask", max_length=chat_lib.MAX_MESSAGE_CHARS + 1)
                         gr.Markdown("Answers come from the same base LLM (adapter off), grounded in the "
-                                    "analysis; when its wording contradicts the analysis, the computed facts "
-                                    "are shown instead.", elem_classes=["aullava-note"])
+                                    "analysis; when its wording contradicts the analysis (or it fails), the "
+                                    "computed facts are shown instead, with a note saying so.",
+                                    elem_classes=["aullava-note"])
             with gr.Tab("Live webcam"):
                 gr.Markdown(f"Streams webcam frames (one every {LIVE_INTERVAL} s at most; slow frames are "
-                            "skipped) and shows the model's view of the largest face. The fast mode reads the "
-                            "model's answer probabilities in one forward pass (labelled as such, not a written "
-                            "answer); the slower mode lets it write the AU list. Stop the webcam to stop.")
+                            "skipped) and shows the model's view of the largest face: it writes its AU list, "
+                            "or its binary answer's probabilities are read in at most "
+                            f"{logic.LIVE_PASSES} forward passes (labelled as such, not a written answer). "
+                            "Stop the webcam to stop.")
                 live_mode = gr.Radio([(label, key) for key, label in logic.LIVE_MODES.items()], value=logic.LIVE_DEFAULT,
                                      label="Live mode", elem_id="aullava-live-mode")
                 with gr.Row():

@@ -41,6 +41,7 @@ TOO_LONG = ("That message is over {limit:,} characters long; please ask in at mo
 NOT_READABLE = ("The model's answer for this face could not be read as AUs ({error}), so I have no Action "
                 "Units to talk about. Try another answer format or another photo.")
 FALLBACK_NOTE = "(Stated from the analysis itself: the language model's own wording did not match it.)"
+FAILED_NOTE = "(Stated from the analysis itself: the language model could not answer.)"
 
 
 # ----- what the chat knows about one face ---------------------------------------------------------------
@@ -538,8 +539,9 @@ def respond(message, facts: FaceFacts | None, history: Iterable = (), generate: 
                 break
             yield text
     except Exception as error:  # noqa: BLE001 - the chat must answer; the facts are always available
-        reply.text, reply.source, reply.rejected = fallback, "facts", f"the LLM failed: {type(error).__name__}"
-        yield fallback
+        reply.text, reply.source, reply.rejected = (f"{fallback}\n\n{FAILED_NOTE}", "facts",
+                                                    f"the LLM failed: {type(error).__name__}")
+        yield reply.text
         return
     finally:
         close = getattr(stream, "close", None)
