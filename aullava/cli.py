@@ -318,6 +318,9 @@ def _push(args) -> int:
     return 0
 
 
+CKPLUS_NEAR_PEAK = 2  # frames before each CK+ peak listed as near_peak, as in the data the checkpoint learned
+
+
 def _manifest(args) -> int:
     from .data.manifest import write_manifest
     from .data.readers import READERS
@@ -325,6 +328,12 @@ def _manifest(args) -> int:
     options = {"frames": args.frames} if args.frames else {}
     if args.frames and args.dataset != "disfa":
         raise ValueError("--frames applies to DISFA only")
+    if args.near_peak is not None and args.dataset != "ckplus":
+        raise ValueError("--near-peak applies to CK+ only")
+    if args.dataset == "ckplus":
+        if args.near_peak is not None and args.near_peak < 0:
+            raise ValueError(f"--near-peak must be 0 or more, got {args.near_peak}")
+        options["near_peak"] = CKPLUS_NEAR_PEAK if args.near_peak is None else args.near_peak
     root = Path(args.root)
     if not root.is_dir():
         raise ValueError(f"--root {args.root} " + ("is a file: give the dataset's folder" if root.exists()
@@ -411,6 +420,10 @@ def build_parser() -> argparse.ArgumentParser:
     manifest.add_argument("--dataset", required=True, choices=["bp4d", "disfa", "feafa", "ckplus"])
     manifest.add_argument("--root", required=True, help="the dataset's release folder")
     manifest.add_argument("--frames", help="DISFA: folder of extracted frames, <frames>/<subject>/<frame>.jpg")
+    manifest.add_argument("--near-peak", type=int,
+                          help=f"CK+: also list the N frames before each peak, with its AUs uncoded in level, as "
+                               f"near_peak rows (default {CKPLUS_NEAR_PEAK}, as the embedded checkpoint was trained; "
+                               "0: peak and neutral frames only)")
     manifest.add_argument("--images-root", help="paths in the CSV relative to this (default: the CSV's folder)")
     manifest.add_argument("--out", required=True, help="the manifest CSV to write")
     manifest.set_defaults(run=_manifest)

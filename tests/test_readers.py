@@ -108,6 +108,21 @@ def test_ckplus_peak_neutral_near_peak_and_emotion(tmp_path):
     _round_trip(samples, tmp_path)
 
 
+def test_manifest_command_lists_ckplus_near_peak_frames_as_the_checkpoint_learned(tmp_path, capsys):
+    from aullava.cli import main
+
+    root = tmp_path / "CK+"
+    _write(root / "FACS/S005/001/S005_001_00000005_facs.txt", "   1.2000000e+01   3.0000000e+00\n")
+    for frame in range(1, 6):
+        _image(root / f"cohn-kanade-images/S005/001/S005_001_{frame:08d}.png")
+    out = tmp_path / "ck.csv"
+    for given, kinds in (([], ["neutral", "near_peak", "near_peak", "peak"]), (["--near-peak", "0"], ["neutral", "peak"])):
+        assert main(["manifest", "--dataset", "ckplus", "--root", str(root), "--out", str(out)] + given) == 0
+        assert [s.kind for s in read_manifest(out)] == kinds
+    assert main(["manifest", "--dataset", "bp4d", "--root", str(root), "--out", str(out), "--near-peak", "2"]) == 2
+    assert "--near-peak applies to CK+ only" in capsys.readouterr().err
+
+
 def test_a_reader_refuses_a_folder_of_another_layout(tmp_path):
     for reader in (read_bp4d, read_disfa, read_ckplus):
         with pytest.raises(FileNotFoundError, match="not found"):
