@@ -63,6 +63,11 @@ def _analyze(args) -> int:
               f"videos (subfolders are not searched): {names}{', ...' if len(skipped) > 10 else ''}", file=sys.stderr)
     if not images:
         raise ValueError(f"no image or video files in {', '.join(args.images)}")
+    if args.plot and not any(is_video(p) for p in images):
+        raise ValueError("--plot draws the AU time series of videos, and no video was given")
+    if args.json and (args.csv or args.jsonl):
+        raise ValueError("--json prints results instead of writing rows; with --csv/--jsonl the rows go there "
+                         "(--jsonl - writes them to standard output)")
     if launched():
         if not (args.csv or args.jsonl):
             raise ValueError("analyze under a distributed launcher writes its rows with --csv and/or --jsonl")
@@ -148,14 +153,14 @@ def _print_video(analyzer, video: str, args) -> int:
 def _plot_videos(summary, aus, target: str):
     from .plots import au_time_series
 
-    if not summary.video_rows:
-        raise ValueError("--plot draws the AU time series of videos, and no video was given")
     target = Path(target)
-    for video, rows in summary.video_rows.items():
+    stems = [Path(video).stem for video in summary.video_rows]
+    for position, (video, rows) in enumerate(summary.video_rows.items()):
         if not any(row["success"] for row in rows):
             print(f"no time series of {video}: no sampled frame has a result", file=sys.stderr)
             continue
-        path = target if len(summary.video_rows) == 1 else target.with_name(f"{target.stem}-{Path(video).stem}{target.suffix}")
+        stem = stems[position] + (f"-{position + 1}" if stems.count(stems[position]) > 1 else "")  # a/x.mp4, b/x.mp4
+        path = target if len(stems) == 1 else target.with_name(f"{target.stem}-{stem}{target.suffix}")
         au_time_series(rows, aus, title=Path(video).name).save(path)
         print(f"time series of {video} written to {path}", file=sys.stderr)
 

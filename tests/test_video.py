@@ -104,6 +104,20 @@ def test_analyze_a_video_to_openface_csv_and_time_series(face_video, broken_vide
         assert image.width > 300 and image.height > 100
 
 
+def test_videos_of_the_same_name_get_a_plot_each(face_video, tmp_path):
+    import shutil
+
+    from aullava.cli import main
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        shutil.copy(face_video, tmp_path / folder / "clip.mp4")
+    plot = tmp_path / "series.png"
+    assert main(["analyze", str(tmp_path / "a" / "clip.mp4"), str(tmp_path / "b" / "clip.mp4"), "--fps", "1",
+                 "--csv", str(tmp_path / "aus.csv"), "--plot", str(plot)]) == 0
+    assert sorted(p.name for p in tmp_path.glob("series-*.png")) == ["series-clip-1.png", "series-clip-2.png"]
+
+
 def test_time_series_plot_reads_csv_rows(tmp_path):
     from aullava.plots import au_time_series
 
