@@ -54,14 +54,13 @@ def get_analyzer():
     global _analyzer, _analyzer_error
     with _analyzer_lock:
         if _analyzer is None:
-            import torch
-
+            from .llm import dtype_named
             from .service import Analyzer
 
             settings = model_settings()
             started = time.perf_counter()
             try:
-                dtype = getattr(torch, settings["dtype"]) if settings["dtype"] else None
+                dtype = dtype_named(settings["dtype"]) if settings["dtype"] else None
                 _analyzer = Analyzer(settings["checkpoint"], dtype=dtype, base_llm=settings["base_llm"])
             except Exception as error:
                 _analyzer_error = f"{type(error).__name__}: {error}"

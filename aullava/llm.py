@@ -53,13 +53,27 @@ _tokenizer_memo: dict[str, tuple] = {}  # model id -> (tokenizer, source)
 
 
 # ----- threads ---------------------------------------------------------------------------------------------
+DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+               "float16": torch.float16, "fp16": torch.float16}
+
+
+def dtype_named(name) -> torch.dtype:
+    """A torch dtype from its name ("bfloat16", "bf16", "torch.float32", ...); ValueError naming the choices."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).strip().lower().removeprefix("torch.")
+    if key not in DTYPE_NAMES:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPE_NAMES)}")
+    return DTYPE_NAMES[key]
+
+
 def preferred_dtype() -> torch.dtype:
     """$AULLAVA_DTYPE if set; else bfloat16 where the CPU has native bf16 units (or on a GPU), else float32.
 
     Without them (e.g. AVX2-only CPUs) bf16 matmuls are emulated and run about 2x slower than float32."""
     name = os.environ.get("AULLAVA_DTYPE", "").strip()
     if name:
-        return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+        return dtype_named(name)
     if torch.cuda.is_available():
         return torch.bfloat16
     try:
@@ -489,10 +503,7 @@ def load_base_llm(model_id: str = DEFAULT_MODEL_ID, dtype: torch.dtype | None = 
     RuntimeError naming every source tried and why each failed."""
     model_id = str(model_id or DEFAULT_MODEL_ID)
     dtype = dtype or preferred_dtype()
-    if isinstance(dtype, str):  # "bfloat16", "torch.float32", ...
-        dtype = getattr(torch, dtype.replace("torch.", ""))
-    if not isinstance(dtype, torch.dtype):
-        raise TypeError(f"dtype must be a torch.dtype, not {dtype!r}")
+    dtype = dtype_named(dtype)
     key = (model_id, dtype)
     with _lock:
         if not fresh and key in _memo:

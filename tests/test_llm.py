@@ -226,3 +226,13 @@ def test_set_threads():
         assert count >= 1 and torch.get_num_threads() == count
     finally:
         torch.set_num_threads(before)
+
+
+def test_dtype_names_are_read_one_way_and_a_wrong_one_is_named(monkeypatch):
+    assert [llm.dtype_named(n) for n in ("bf16", "bfloat16", "torch.float32", "FP16")] == [
+        torch.bfloat16, torch.bfloat16, torch.float32, torch.float16]
+    monkeypatch.setenv("AULLAVA_DTYPE", "bf16")
+    assert llm.preferred_dtype() == torch.bfloat16
+    monkeypatch.setenv("AULLAVA_DTYPE", "float64x")  # was silently float32
+    with pytest.raises(ValueError, match="unknown dtype 'float64x': use one of float32, fp32, bfloat16"):
+        llm.preferred_dtype()
