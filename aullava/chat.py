@@ -99,8 +99,8 @@ def au_fact(a: int) -> str:
     """The FACS facts of one AU: name, muscles, region."""
     au = facs.AUS.get(a)
     if au is None:
-        return f"AU{a} is not an Action Unit I know."
-    return f"AU{a} is the {au.name}: the {au.muscles} muscle action, in the {au.region} region of the face."
+        return f"{facs.au_code(a)} is not an Action Unit I know."
+    return f"{facs.au_code(a)} is the {au.name}: the {au.muscles} muscle action, in the {au.region} region of the face."
 
 
 # ----- what the question asks --------------------------------------------------------------------------
@@ -197,15 +197,15 @@ def factual_answer(intent: Intent, facts: FaceFacts) -> str:
             elif a in facts.aus:
                 parts.append(f"It is not detected in this face.")
             else:
-                parts.append(f"The model does not read AU{a}, so I cannot say whether this face shows it.")
+                parts.append(f"The model does not read {facs.au_code(a)}, so I cannot say whether this face shows it.")
         return " ".join(parts)
     if intent.kind == "intensity":
         parts = []
         for a in intent.aus:
             if a not in facs.AUS:
-                parts.append(f"AU{a} is not an Action Unit I know.")
+                parts.append(f"{facs.au_code(a)} is not an Action Unit I know.")
             elif a not in facs.AUS or a not in facts.aus:
-                parts.append(f"The model does not read AU{a} ({facs.AUS[a].name}).")
+                parts.append(f"The model does not read {facs.au_code(a)} ({facs.AUS[a].name}).")
             elif not facts.detected(a):
                 parts.append(f"{_name(a)} is not detected in this face (intensity 0).")
             elif facts.intensity.get(a) is None:
@@ -240,7 +240,7 @@ def factual_answer(intent: Intent, facts: FaceFacts) -> str:
             return (f"The detected AUs ({_join([_name(a) for a in active])}) match no emotion prototype; "
                     f"no emotion hint.")
         best = hints[0]
-        support = " + ".join(f"AU{a}" for a in best.supporting_aus)
+        support = " + ".join(facs.au_code(a) for a in best.supporting_aus)
         text = (f"A hint, not a diagnosis: the detected {support} match the EMFACS prototype of "
                 f"{best.emotion} ({best.coverage:.0%} of it).")
         if len(hints) > 1:
@@ -386,7 +386,7 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
         return "empty answer"
     extra = unsupported_aus(answer, facts, intent.aus)
     if extra:
-        return "names AUs that were not detected: " + ", ".join(f"AU{a}" for a in extra)
+        return "names AUs that were not detected: " + ", ".join(facs.au_code(a) for a in extra)
     muscles = unsupported_muscles(answer, set(facts.active) | set(intent.aus))
     if muscles:
         return "names muscles of AUs that were not detected: " + ", ".join(muscles)
@@ -407,7 +407,7 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
     if intent.kind in ("define", "intensity"):
         missing = [a for a in intent.aus if a not in named]
         if missing:
-            return "does not name " + ", ".join(f"AU{a}" for a in missing)
+            return "does not name " + ", ".join(facs.au_code(a) for a in missing)
         asked_active = [a for a in intent.aus if a in active]
         asked_absent = [a for a in intent.aus if a not in active]
         if len(intent.aus) == 1 and asked_active and negated:
@@ -420,7 +420,7 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
                 value = facts.intensity.get(a)
                 if value is not None and f"{value:g}" not in _numbers(answer) and \
                         intensity_word(value) not in answer.lower():
-                    return f"does not give the intensity of AU{a}"
+                    return f"does not give the intensity of {facs.au_code(a)}"
     elif intent.kind == "genuine_smile":
         cheek, smile = facs.GENUINE_SMILE
         genuine = cheek in active and smile in active
@@ -435,7 +435,7 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
     elif intent.kind == "region":
         here = {a for a in active if facs.AUS.get(a) and facs.AUS[a].region == intent.region}
         if here - named:
-            return "leaves out " + ", ".join(f"AU{a}" for a in sorted(here - named))
+            return "leaves out " + ", ".join(facs.au_code(a) for a in sorted(here - named))
         if not here and not negated:
             return "does not say that nothing is detected there"
     elif intent.kind == "emotion":
@@ -444,7 +444,7 @@ def check_answer(answer: str, facts: FaceFacts, intent: Intent, question: str = 
             return f"does not name the hinted emotion ({hints[0].emotion})"
     elif intent.kind == "list":
         if active - named:
-            return "leaves out " + ", ".join(f"AU{a}" for a in sorted(active - named))
+            return "leaves out " + ", ".join(facs.au_code(a) for a in sorted(active - named))
         if not active and not negated:
             return "does not say that nothing is detected"
     return None

@@ -88,10 +88,15 @@ EMOTION_PROTOTYPES: dict[str, tuple[tuple[int, ...], ...]] = {
 GENUINE_SMILE = (6, 12)
 
 
+def au_code(number: int) -> str:
+    """'AU01' for 1: the zero-padded code the model writes, and every output and the page show."""
+    return f"AU{number:02d}"
+
+
 def au_label(number: int) -> str:
-    """'AU12 lip corner puller' (or 'AU99' for a code this table does not know)."""
+    """'AU06 cheek raiser' (or 'AU99' for a code this table does not know)."""
     au = AUS.get(number)
-    return f"AU{number} {au.name}" if au else f"AU{number}"
+    return f"{au_code(number)} {au.name}" if au else au_code(number)
 
 
 def sort_by_region(numbers) -> list[int]:

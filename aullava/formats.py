@@ -31,9 +31,7 @@ END = None  # the Choice option meaning "the answer stops here"
 
 
 # ----- AU codes and AU sets --------------------------------------------------------------------------
-def au_code(number: int) -> str:
-    """'AU01' for 1: the zero-padded code the model writes."""
-    return f"AU{number:02d}"
+au_code = facs.au_code  # the spelling the model writes, where the formats' readers look for it
 
 
 def check_aus(aus: Iterable[int]) -> tuple[int, ...]:

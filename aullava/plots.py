@@ -342,7 +342,7 @@ def face_overlay(image, faces, selected: int | None = 0, active_aus=(), max_side
                     shade.polygon(polygon, fill=color + (80,), outline=color + (230,), width=max(1, line - 1))
             anchor = groups[-1].max(axis=0)  # right/bottom edge of the last group
             top = groups[-1][:, 1].min()
-            codes = " ".join(f"AU{a}" for a in sorted(aus))
+            codes = " ".join(facs.au_code(a) for a in sorted(aus))
             box = shade.textbbox((anchor[0] + 4, top), codes, font=small_font)
             shade.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(255, 255, 255, 200))
             shade.text((anchor[0] + 4, top), codes, fill=color + (255,), font=small_font)

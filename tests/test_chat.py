@@ -66,7 +66,7 @@ def test_factual_answers_are_computed_from_analysis_and_facs():
     no_intensity = chat.factual_answer(chat.parse_question("how strong is AU1?"), PRESENCE)
     assert "presence only" in no_intensity
     brows = chat.factual_answer(chat.parse_question("which AUs are on the brow?"), PRESENCE)
-    assert "AU1 inner brow raiser" in brows and "AU2 outer brow raiser" in brows and "AU26" not in brows
+    assert "AU01 inner brow raiser" in brows and "AU02 outer brow raiser" in brows and "AU26" not in brows
     assert "No Action Unit" in chat.factual_answer(chat.parse_question("which AUs are on the brow?"), SMILE)
 
 
@@ -80,7 +80,7 @@ def test_genuine_smile_follows_the_duchenne_rule():
 
 def test_emotion_answer_is_worded_as_a_hint():
     text = chat.factual_answer(chat.parse_question("what emotion is this?"), SMILE)
-    assert "hint" in text and "happiness" in text and "AU6 + AU12" in text
+    assert "hint" in text and "happiness" in text and "AU06 + AU12" in text
 
 
 def test_prompt_head_is_fixed_and_the_last_turn_holds_this_faces_facts():
@@ -142,7 +142,7 @@ def test_an_undetected_au_triggers_the_factual_fallback():
     reply = chat.Reply()
     text = final(chat.respond("how strong is AU12?", SMILE, [],
                               fake_llm("AU12 is marked, ", "and AU4 brow lowerer too."), reply=reply))
-    assert reply.source == "facts" and "AU4" in reply.rejected
+    assert reply.source == "facts" and "AU04" in reply.rejected
     assert text.startswith("AU12 lip corner puller at intensity 3.4 of 5 (marked).")
     assert "AU4" not in text
 
@@ -160,7 +160,7 @@ def test_the_asked_au_may_be_named_even_if_not_detected():
     ("how strong is AU12?", "AU12 is at maximum intensity.", "intensities"),
     ("is this a genuine smile?", "No, it is not a genuine smile.", "genuine"),
     ("what emotion is this?", "It looks sad to me.", "hinted emotion"),
-    ("which AUs are on the brow?", "AU1 is on the brow.", "AU1"),
+    ("which AUs are on the brow?", "AU1 is on the brow.", "AU01"),
     ("tell me a joke", "ha ha ha ha ha ha ha ha ha ha ha ha", "repeats"),
     ("what does AU6 mean?", "", "empty"),
 ])
@@ -387,7 +387,7 @@ def test_off_topic_questions_get_the_facts_not_the_llms_words():
     text = final(chat.respond("What is the capital of France?", SMILE, generate=fake_llm("Paris.", calls=calls),
                               reply=reply))
     assert not calls and reply.source == "facts-only" and "Paris" not in text
-    assert all(f"AU{a}" in text for a in (6, 12, 25))  # the whole analysis, not part of it
+    assert all(f"AU{a:02d}" in text for a in (6, 12, 25))  # the whole analysis, not part of it
 
 
 def test_an_answer_that_calls_an_absent_au_detected_in_any_sentence_is_rejected():

@@ -26,7 +26,7 @@ def test_rows_follow_face_regions_and_label_every_au():
     result = AUResult.from_active(AUS, [12, 1], {12: 3.4, 1: 1.0})
     rows = plots.chart_rows(result, carries_intensity=True)
     assert [r["au"] for r in rows] == facs.sort_by_region(AUS)
-    assert [r["label"] for r in rows][:2] == ["AU1 inner brow raiser", "AU2 outer brow raiser"]
+    assert [r["label"] for r in rows][:2] == ["AU01 inner brow raiser", "AU02 outer brow raiser"]
     regions = [facs.REGIONS.index(r["region"]) for r in rows]
     assert regions == sorted(regions)
     by_au = {r["au"]: r for r in rows}

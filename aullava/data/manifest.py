@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import facs
 from ..facs import MAX_INTENSITY, UNCODED_INTENSITY
 
 REQUIRED_COLUMNS = ("path", "subject", "aus")
@@ -79,7 +80,7 @@ def label_warnings(samples, aus, training: bool = True) -> list[str]:
     warnings = []
     outside = Counter(a for s in samples for a in s.aus if a not in aus)
     if outside:
-        counted = ", ".join(f"AU{a} ({n} row{'s' if n > 1 else ''})" for a, n in sorted(outside.items()))
+        counted = ", ".join(f"{facs.au_code(a)} ({n} row{'s' if n > 1 else ''})" for a, n in sorted(outside.items()))
         warnings.append(f"{counted} labelled in the manifest but not among the model's {len(aus)} AUs: ignored "
                         "(the \"aus\" of a training config's model sets what a model learns)")
     listed = Counter(s.key for s in samples)
@@ -90,7 +91,7 @@ def label_warnings(samples, aus, training: bool = True) -> list[str]:
     if training:
         unseen = [a for a in aus if not any(a in s.aus and s.is_known(a) for s in samples)]
         if unseen:
-            warnings.append(f"no training face shows {', '.join(f'AU{a}' for a in unseen)}: the model cannot learn "
+            warnings.append(f"no training face shows {', '.join(map(facs.au_code, unseen))}: the model cannot learn "
                             f"to see {'it' if len(unseen) == 1 else 'them'}")
     return warnings
 
@@ -120,7 +121,7 @@ def read_manifest(path, images_root=None, kinds=None) -> list[Sample]:
             aus = _parse_aus(row.get("aus") or "", where)
             levels = _parse_intensities(row.get("intensities", ""), where)
             if not levels.keys() <= aus:
-                raise ManifestError(f"{where}: an intensity is given for {', '.join(f'AU{a}' for a in sorted(levels.keys() - aus))}, "
+                raise ManifestError(f"{where}: an intensity is given for {', '.join(map(facs.au_code, sorted(levels.keys() - aus)))}, "
                                     f"which the row's aus ({row.get('aus') or 'none'}) do not list as present")
             unknown = _parse_aus(row.get("unknown") or "", where) - aus
             coded = _parse_aus(row.get("coded") or "", where) or None
