@@ -152,9 +152,10 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
               "undetected": [{"path": str(s.path), "reason": reason} for s, reason in undetected[:50]],
               "missing_images": len(missing), "missing_examples": [str(s.path) for s in missing[:20]],
               "aus": list(aus), "subjects": sorted({s.subject for s in samples}), "formats": {}}
-    presence_by_format = {}
+    presence_by_format, answered = {}, {}
     for format_name in formats:
         predicted = np.zeros_like(truth)
+        answered[format_name] = parsed = np.zeros(len(samples), bool)
         parse_failures, gen_seconds, levels_true, levels_pred, level_aus = [], 0.0, [], [], []
         bar = tqdm(total=len(detected), desc=format_name, disable=not progress, unit="img")
         # speculating, the model writes one face at a time anyway: the bar can move per image
@@ -177,6 +178,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
                                                "error": outcome.error})
                         continue
                     predicted[row] = [outcome.result.present.get(a, False) for a in aus]  # unasked: no label
+                    parsed[row] = True
                     for coded, written, a in level_pairs(sample, outcome.result, asked):
                         levels_true.append(coded)
                         levels_pred.append(written)
@@ -191,12 +193,16 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
                         "intensity": intensity_metrics(levels_true, levels_pred, level_aus)})
         report["formats"][format_name] = metrics
         presence_by_format[format_name] = predicted
-    report["agreement"] = format_agreement(presence_by_format)
+    # over the labelled pairs of images every format answered: an unanswered image "agrees" on nothing
+    compared = known & np.logical_and.reduce(list(answered.values()))[:, None]
+    report["agreement"] = format_agreement(presence_by_format, compared)
+    report["agreement_pairs"] = int(compared.sum())
     if not known.all():
         report["unknown_labels"] = int((~known).sum())
     if diagnostics and detected:
         report["diagnostics"] = _diagnostics(analyzer, faces, [index_of[id(s)] for s in detected], truth, known,
-                                             batch_size, presence_by_format.get("binary"), progress)
+                                             batch_size, presence_by_format.get("binary"), answered.get("binary"),
+                                             progress)
     return report
 
 
@@ -218,7 +224,8 @@ def prediction_row(sample, format_name, aus, text, error, result) -> dict:
     return row
 
 
-def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None, progress: bool = False) -> dict:
+def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None, binary_answered=None,
+                 progress: bool = False) -> dict:
     import torch
 
     aus = analyzer.aus
@@ -242,8 +249,8 @@ def _diagnostics(analyzer, faces, rows, truth, known, batch_size, binary=None, p
            "readout_converged": round(converged / max(1, len(faces)), 4),
            "readout_agrees_with_head": round(float((readout[rows] == head[rows]).mean()), 4),
            "chimeras": _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded, progress)}
-    if binary is not None:
-        out["readout_agrees_with_binary"] = round(float((readout == binary).mean()), 4)
+    if binary is not None and binary_answered.any():  # on the images whose binary answer was read
+        out["readout_agrees_with_binary"] = round(float((readout == binary)[binary_answered].mean()), 4)
     return out
 
 
@@ -275,13 +282,17 @@ def _chimeric_readout(analyzer, rows, truth, known, batch_size, encoded, progres
             "readout_agrees_with_head": round(float((read == head).mean()), 4)}
 
 
-def format_agreement(presence_by_format: dict) -> dict:
-    """Share of (image, AU) pairs on which each pair of formats, and all formats, imply the same presence."""
+def format_agreement(presence_by_format: dict, compared=None) -> dict:
+    """Share of (image, AU) pairs on which each pair of formats, and all formats, imply the same presence;
+    only the pairs `compared` marks (a bool array of the same shape), when given."""
     names = list(presence_by_format)
     if len(names) < 2:
         return {}
-    pairs = {f"{a}~{b}": round(float((presence_by_format[a] == presence_by_format[b]).mean()), 4)
-             for a, b in combinations(names, 2)}
     stacked = np.stack([presence_by_format[n] for n in names])
-    pairs["all"] = round(float((stacked == stacked[0]).all(axis=0).mean()), 4)
+    compared = np.ones(stacked.shape[1:], bool) if compared is None else np.asarray(compared, bool)
+    if not compared.any():
+        return {}
+    pairs = {f"{a}~{b}": round(float((stacked[i] == stacked[j])[compared].mean()), 4)
+             for (i, a), (j, b) in combinations(enumerate(names), 2)}
+    pairs["all"] = round(float((stacked == stacked[0]).all(axis=0)[compared].mean()), 4)
     return pairs

@@ -247,6 +247,17 @@ def test_intensity_pairs_leave_out_aus_without_a_label():
     assert level_pairs(frame, presence_only, aus) == []
 
 
+def test_format_agreement_counts_only_the_pairs_compared():
+    from aullava.evaluate import format_agreement
+
+    listed = np.array([[1, 0], [0, 0], [0, 0]], bool)
+    binary = np.array([[1, 1], [0, 0], [0, 0]], bool)  # rows 2-3: unanswered images, zeros in both
+    assert format_agreement({"list": listed, "binary": binary}) == {"list~binary": 0.8333, "all": 0.8333}
+    answered = np.array([[True, True], [False, False], [False, False]])
+    assert format_agreement({"list": listed, "binary": binary}, answered) == {"list~binary": 0.5, "all": 0.5}
+    assert format_agreement({"list": listed, "binary": binary}, np.zeros((3, 2), bool)) == {}
+
+
 def test_several_datasets_each_asked_only_the_aus_they_code(tiny_manifest, tmp_path, grace_hopper):
     """As the paper trains on BP4D + DISFA + FEAFA: an image of a dataset that codes fewer AUs is asked, and
     taught, only about those; its missing AUs are no label (not "absent") in every loss."""
