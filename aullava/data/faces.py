@@ -12,10 +12,7 @@ from tqdm import tqdm
 
 from ..encoders import face_tensors, flip_face
 from ..face import FaceDetector, FaceError, align_face, load_image, to_gray
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("AULLAVA_CACHE", Path.home() / ".cache" / "aullava"))
+from ..llm import cache_root
 
 
 @dataclass
@@ -33,7 +30,7 @@ class FaceTable:
 def prepare_faces(samples, crop_fallback: bool = True, progress: bool = True, use_cache: bool = True) -> FaceTable:
     """Landmarks of the largest face in every image (cached on disk by file path and size + mtime)."""
     detector = FaceDetector(crop_fallback=crop_fallback)
-    store = cache_dir() / "landmarks"
+    store = cache_root() / "landmarks"  # beside the base LLM's cache
     store.mkdir(parents=True, exist_ok=True)
     kept, images, landmarks, fallback = [], [], [], []
     for sample in tqdm(samples, desc="faces", disable=not progress, unit="img"):
