@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
 
 from . import facs
+from .formats import round_half_up
 
 MAX_MESSAGE_CHARS = 2000
 MAX_NEW_TOKENS = 120
@@ -71,7 +72,7 @@ class FaceFacts:
 
 def intensity_word(value: float) -> str:
     """'marked' for 3.0: the FACS word of the nearest level (0 absent .. 5 maximum)."""
-    level = min(5, max(0, int(value + 0.5)))
+    level = min(facs.MAX_INTENSITY, max(0, round_half_up(value)))
     if value > 0 and level == 0:
         level = 1
     return facs.INTENSITY_WORDS[level]
@@ -92,7 +93,7 @@ def describe_detected(facts: FaceFacts, a: int) -> str:
     value = facts.intensity.get(a)
     if value is None:
         return f"{_name(a)} (present)"
-    return f"{_name(a)} at intensity {value:.1f} of 5 ({intensity_word(value)})"
+    return f"{_name(a)} at intensity {value:.1f} of {facs.MAX_INTENSITY} ({intensity_word(value)})"
 
 
 def au_fact(a: int) -> str:

@@ -142,7 +142,7 @@ def _tenths(result: AUResult, a: int) -> int:
             raise ValueError(f"{au_code(a)} is present but has no intensity; this format writes one")
         return 0
     tenths = round_half_up(value * 10)
-    return min(50, max(5, tenths)) if result.present[a] else min(4, max(0, tenths))
+    return min(10 * MAX_INTENSITY, max(5, tenths)) if result.present[a] else min(4, max(0, tenths))
 
 
 # ----- parse errors ----------------------------------------------------------------------------------
@@ -516,7 +516,7 @@ class IntensityFormat(_VectorFormat):
         return str(_level(result, a))
 
     def _read_value(self, value, a, token, text):
-        if not re.fullmatch(r"[0-5]", value):
+        if not re.fullmatch(f"[0-{MAX_INTENSITY}]", value):
             raise FormatParseError(text, f"expected an intensity 0-5 for {au_code(a)} (like "
                                          f"'{au_code(a)}:0' or '{au_code(a)}:3'), got {token!r}")
         return value != "0", float(value)
@@ -545,7 +545,7 @@ class ContinuousFormat(_VectorFormat):
         return f"{tenths // 10}.{tenths % 10}"
 
     def _read_value(self, value, a, token, text):
-        if not re.fullmatch(r"[0-5]\.[0-9]", value) or float(value) > MAX_INTENSITY:
+        if not re.fullmatch(rf"[0-{MAX_INTENSITY}]\.[0-9]", value) or float(value) > MAX_INTENSITY:
             raise FormatParseError(text, f"expected a value 0.0-{MAX_INTENSITY}.0 with one decimal for "
                                          f"{au_code(a)} (like '{au_code(a)}:1.8'), got {token!r}")
         return float(value) >= self.threshold, float(value)

@@ -27,6 +27,7 @@ import re
 from pathlib import Path
 
 from .. import facs
+from ..facs import MAX_INTENSITY
 from .manifest import Sample
 
 FRAME_SUFFIXES = (".jpg", ".png", ".jpeg", ".bmp")
@@ -98,7 +99,7 @@ def read_bp4d(root) -> tuple[list[Sample], list[str]]:
                 levels = {}
                 for au, by_frame in intensities.items():
                     level = by_frame.get(frame)
-                    if au in present and level is not None and 1 <= level <= 5:
+                    if au in present and level is not None and 1 <= level <= MAX_INTENSITY:
                         levels[au] = int(level)
                 samples.append(Sample(image, subject, task, str(frame), "frame", "", frozenset(present), levels,
                                       frozenset(unknown), frozenset(aus)))
@@ -133,7 +134,7 @@ def read_disfa(root, frames=None, present_from: int = 2) -> tuple[list[Sample], 
                 continue
             levels = {au: by_frame.get(frame) for au, by_frame in per_au.items()}
             present = {au for au, level in levels.items() if level is not None and level >= present_from}
-            unknown = {au for au, level in levels.items() if level is None or not 0 <= level <= 5}
+            unknown = {au for au, level in levels.items() if level is None or not 0 <= level <= MAX_INTENSITY}
             samples.append(Sample(image, subject, "", str(frame), "frame", "", frozenset(present),
                                   {au: int(levels[au]) for au in present}, frozenset(unknown), frozenset(per_au)))
     return samples, problems
@@ -160,7 +161,7 @@ def read_feafa(root) -> tuple[list[Sample], list[str]]:
             if not unit.startswith("AU"):
                 continue
             au = int(unit[2:].rstrip("LR"))
-            level = min(5, max(0, round(5 * _number(value, str(label)))))
+            level = min(MAX_INTENSITY, max(0, round(MAX_INTENSITY * _number(value, str(label)))))
             levels[au] = max(levels.get(au, 0), level)
         present = {au for au, level in levels.items() if level >= 1}
         parts = label.relative_to(root).parts
@@ -189,7 +190,7 @@ def read_ckplus(root, near_peak: int = 0) -> tuple[list[Sample], list[str]]:
             au = int(_number(parts[0], str(coding)))
             level = int(_number(parts[1], str(coding))) if len(parts) > 1 else 0
             present.add(au)
-            if 1 <= level <= 5:
+            if 1 <= level <= MAX_INTENSITY:
                 levels[au] = level
         emotion = ""
         for path in (root / "Emotion" / subject / sequence).glob("*_emotion.txt"):
