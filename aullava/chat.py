@@ -205,7 +205,7 @@ def factual_answer(intent: Intent, facts: FaceFacts) -> str:
         for a in intent.aus:
             if a not in facs.AUS:
                 parts.append(f"{facs.au_code(a)} is not an Action Unit I know.")
-            elif a not in facs.AUS or a not in facts.aus:
+            elif a not in facts.aus:
                 parts.append(f"The model does not read {facs.au_code(a)} ({facs.AUS[a].name}).")
             elif not facts.detected(a):
                 parts.append(f"{_name(a)} is not detected in this face (intensity 0).")

@@ -71,6 +71,8 @@ FEAFA_UNITS = (
 FEAFA_AUS = tuple(sorted({int(u[2:].rstrip("LR")) for u in FEAFA_UNITS if u.startswith("AU")}))
 # CK+ codes every FACS AU; these are the ones its 593 sequences use at the peak frame (AU numbers up to 28).
 CKPLUS_AUS = (1, 2, 4, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 20, 21, 23, 24, 25, 26, 27, 28)
+# The embedded model's AUs: every AU with at least 10 positive peak frames in the shared CK+ data.
+MODEL_AUS = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)
 DATASET_AUS = {"bp4d": BP4D_AUS, "disfa": DISFA_AUS, "feafa": FEAFA_AUS, "ckplus": CKPLUS_AUS}
 
 # EMFACS-style prototypes (Ekman, Friesen & Hager 2002 investigator's guide; Matsumoto & Ekman): the AU
@@ -105,12 +107,6 @@ def sort_by_region(numbers) -> list[int]:
         au = AUS.get(n)
         return (REGIONS.index(au.region) if au else len(REGIONS), n)
     return sorted(numbers, key=key)
-
-
-def aus_in_region(region: str) -> list[int]:
-    if region not in REGIONS:
-        raise ValueError(f"unknown face region {region!r}; known: {', '.join(REGIONS)}")
-    return [n for n, au in AUS.items() if au.region == region]
 
 
 @dataclass(frozen=True)

@@ -358,18 +358,6 @@ class Format:
             return AUResult(result.aus, dict(result.present), {})
         return AUResult(result.aus, dict(result.present), {a: float(_level(result, a)) for a in result.aus})
 
-    def presence(self, result: AUResult) -> dict[int, bool]:
-        """Presence per asked AU as the rendered answer states it."""
-        return self.normalize(result).present
-
-    def max_new_tokens(self, aus: Iterable[int]) -> int:
-        """A generous cap for free generation: the longest possible answer's length in characters (a token
-        covers at least one character of this ASCII text), plus a margin for the end token and stray text."""
-        aus = check_aus(aus)
-        everything = AUResult.from_active(aus, aus, {a: float(MAX_INTENSITY) for a in aus})
-        nothing = AUResult.from_active(aus, (), {})
-        return max(len(self.render(everything)), len(self.render(nothing))) + 16
-
     def __repr__(self):
         return f"<Format {self.name}>"
 

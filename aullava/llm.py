@@ -532,11 +532,6 @@ def load_base_llm(model_id: str = DEFAULT_MODEL_ID, dtype: torch.dtype | None = 
         raise RuntimeError(_failure_message(f"the base LLM {model_id!r}", errors) + hint)
 
 
-def clear_memo():
-    """Forget every memoized model and tokenizer (they stay alive wherever they are still referenced)."""
-    with _lock:
-        _memo.clear()
-        _tokenizer_memo.clear()
 
 
 # ----- a tiny random LLM for tests -------------------------------------------------------------------------

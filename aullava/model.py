@@ -29,11 +29,9 @@ from transformers import DynamicCache
 
 from . import formats as fmt_lib
 from .encoders import build_encoder
-from .facs import UNCODED_INTENSITY
-from .llm import on_torch_thread, submit_to_torch_thread
+from .facs import MODEL_AUS, UNCODED_INTENSITY
+from .llm import DEFAULT_MODEL_ID, on_torch_thread, submit_to_torch_thread
 
-# The model's AUs: every AU with at least 10 positive peak frames in the shared CK+ data.
-DEFAULT_AUS = (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)
 IMAGE_PLACEHOLDER = "<image>"
 SYSTEM_PROMPT = ("You are AU-LLaVA, a facial action coding assistant. You look at a face and report its FACS "
                  "Action Units exactly in the requested format.")
@@ -47,8 +45,8 @@ EVIDENCE_FEATURES = {"presence": lambda z: torch.tanh(z / 2), "strength": lambda
 
 @dataclass
 class AULlavaConfig:
-    aus: tuple[int, ...] = DEFAULT_AUS
-    base_llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    aus: tuple[int, ...] = MODEL_AUS
+    base_llm: str = DEFAULT_MODEL_ID
     # three members: on fold 0 the ensemble's head scored 0.826 where its members alone scored 0.756-0.812
     # (five: no better; fold 1, the mean over sub-ensembles of 1-5 members 0.747 / 0.761 / 0.768 / 0.768 / 0.769).
     # A landmark logistic regression beside them (its logit added at half weight; an L2-penalised linear model
@@ -86,7 +84,7 @@ class AULlavaConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "AULlavaConfig":
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        known["aus"] = tuple(int(a) for a in known.get("aus", DEFAULT_AUS))
+        known["aus"] = tuple(int(a) for a in known.get("aus", MODEL_AUS))
         for written_later in ("evidence", "labelled_tokens"):  # a config older than the field: without it
             known.setdefault(written_later, False)
         return cls(**known)

@@ -31,6 +31,7 @@ from . import formats as fmt_lib
 from .data.faces import face_batch, prepare_faces
 from .distributed import use_cpu
 from .data.manifest import default_intensities, label_warnings, presence_labels, read_manifests
+from .llm import DEFAULT_MODEL_ID
 from .model import AULlava, AULlavaConfig, save_pretrained
 
 # How often each format is drawn for a training batch.
@@ -122,7 +123,7 @@ class TrainConfig:
     encoder_lr_scale: float = 0.0
     seed: int = 0
     save_every: int = 50
-    base_llm: str = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    base_llm: str = DEFAULT_MODEL_ID
     tiny_llm: bool = False  # a tiny random LLM, for tests
     model: dict = field(default_factory=dict)  # AULlavaConfig overrides (aus, encoder, lora)
     mixed_precision: str | None = None  # "no", "bf16", "fp16"; None: accelerate's launch flag or config

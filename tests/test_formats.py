@@ -101,7 +101,6 @@ def test_round_trip(name):
         assert parsed == fmt.normalize(r), (text, r)
         assert parsed.present == r.present
         assert fmt.render(parsed) == text  # the rendering is canonical
-        assert len(text) <= fmt.max_new_tokens(r.aus)
         if not fmt.carries_intensity:
             assert set(parsed.intensity.values()) == {None}
         else:
@@ -153,7 +152,6 @@ def test_random_plan_walks_are_canonical_answers(name):
                 assert_prefix_free(options)
             parsed = fmt.parse(text, aus)
             assert fmt.render(parsed) == text
-            assert len(text) <= fmt.max_new_tokens(aus)
 
 
 def test_plan_shapes():
@@ -210,7 +208,7 @@ def test_presence_agrees_across_formats():
     for r in RESULTS:
         presences = [F.get_format(n).parse(F.get_format(n).render(r), r.aus).present for n in NAMES]
         assert all(p == r.present for p in presences), r
-        assert all(F.get_format(n).presence(r) == r.present for n in NAMES)
+        assert all(F.get_format(n).normalize(r).present == r.present for n in NAMES)
 
 
 # ----- strict parsing --------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from ..facs import MAX_INTENSITY, UNCODED_INTENSITY
 
 REQUIRED_COLUMNS = ("path", "subject", "aus")
 COLUMNS = ("path", "subject", "sequence", "frame", "kind", "emotion", "aus", "intensities", "unknown", "coded")
-KINDS = ("peak", "near_peak", "neutral")
 
 
 class ManifestError(ValueError):
