@@ -290,7 +290,6 @@ def result_dict(session: Session) -> dict:
     faces = []
     for face_result in session.results:
         entry = face_result.to_dict()
-        entry["choice_probabilities"] = face_result.confidence  # of each choice the LLM made, in writing order
         if face_result.result is not None:
             result = face_result.result
             entry["active"] = [fmt_lib.au_code(a) for a in facs.sort_by_region(result.active)]

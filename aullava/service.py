@@ -30,14 +30,15 @@ class FaceResult:
     text: str
     result: fmt_lib.AUResult | None
     error: str | None = None  # the parse failure, reported, never read as "no AUs"
-    confidence: list = field(default_factory=list)  # probability of each choice the LLM made
+    choice_probabilities: list = field(default_factory=list)  # of each choice the LLM made, in writing order
 
     def to_dict(self) -> dict:
         return {"face": self.face.number, "box": [round(float(v), 1) for v in self.face.box],
-                "detection_score": round(float(self.face.score), 3),
+                "detection_score": round(float(self.face.score), 4),  # the rows' `confidence`
                 "landmarks": np.round(self.face.landmarks.astype(float), 1).tolist(),  # dlib's 68, image pixels
                 "format": self.format, "text": self.text,
-                "parse_error": self.error, "aus": self.result.to_dict() if self.result else None}
+                "parse_error": self.error, "aus": self.result.to_dict() if self.result else None,
+                "choice_probabilities": self.choice_probabilities}
 
 
 @dataclass

@@ -23,6 +23,7 @@ def test_analyze_reports_every_face_and_keeps_going_past_bad_files(capsys, tmp_p
     assert [line["image"].split("/")[-1] for line in lines] == ["single_face.jpg", "notes.jpg", "free-mountain-vector-01.jpg"]
     face = lines[0]["faces"][0]
     assert face["face"] == 1  # as the page names it; only the OpenFace-style rows' face_id counts from 0
+    assert face["choice_probabilities"] and all(0 < p <= 1 for p in face["choice_probabilities"])
     assert face["parse_error"] is None and face["text"].startswith('{"active": [')
     assert set(face["aus"]) == {f"AU{a:02d}" for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27)}
     x0, y0, x1, y1 = face["box"]
