@@ -52,8 +52,9 @@ class TrainConfig:
     # Relative share of LLM-stage steps per format (unnamed formats keep FORMAT_WEIGHTS). A list answer holds
     # ~4 decisions, a binary one 19: at equal shares the list learns from far fewer decisions.
     format_weights: dict = field(default_factory=dict)
-    # The embedded checkpoint's budget (~80 min float32 on a 2-core CPU). At LoRA 150 steps the binary answer had
-    # not learned its format (crossval at a reduced budget: binary F1 0.12-0.17, nearly every AU written 0).
+    # The embedded checkpoint's budget (~50 min on a 2-core CPU with bf16 units). At 150 LoRA steps the binary
+    # answer had not learned its format. Every default below was measured on held-out CK+ subjects: the model
+    # card (assets/aullava-ckplus/README.md) gives the figures, and those of the variants tried and left off.
     encoder_steps: int = 1500
     projector_steps: int = 100
     lora_steps: int = 400
@@ -67,56 +68,22 @@ class TrainConfig:
     # Weight of the decisions that say an AU is there (list, binary, 0-5), with decisive_loss. Above 1 it
     # counters the written answers' leaning to "absent" on new faces (most AUs are absent in every answer).
     present_weight: float = 1.0
-    # Share of (face, AU) decisions the LLM stages teach on an AU token moved toward the encoder head's decision
-    # boundary: mixed with the token of a training face the head reads the other way, the mix's target being the
-    # head's own reading of it. On its training faces the head is near certain (F1 0.99, 1.5% of logits within
-    # +-2; on new faces 0.83 and 4.9%), so without mixes the LLM never sees where that boundary lies and draws
-    # its own on new faces. A mix stays on its face's side of the boundary, its head logit drawn uniformly from
-    # [gap, reach] on that side: a first try that let mixes cross it (logits within +-4, 30% mixes) added present
-    # AUs to the answers the LLM learned, and wrote list 0.62 (254 false positives), binary 0.58 on fold 0. Kept
-    # on their side, at 25%: binary 0.782 -> 0.816, list 0.814 -> 0.798 (noise ~0.02), the six formats agreeing
-    # on 93.3% of (image, AU) pairs (was 91.5%), answers written twice as fast (the head's draft is kept).
-    # The gap keeps mixes off the boundary itself. At 1.0 the LLM never saw a token the head reads weakly (4.9%
-    # of the logits on new faces are within +-1), and on such faces the list named codes the head reads firmly
-    # absent: AU09 where the head read AU1 at +0.5 and AU17 at +0.4, AU27 alone where it read only AU14 at
-    # +0.3. At 0.25 (fold 0, the shipped checkpoint; the same encoder and seed): list 0.791 -> 0.824 (AU9 and
-    # AU27 false positives 5 + 5 -> 1 + 1), JSON 0.783 -> 0.816, sentence 0.778 -> 0.792, binary 0.826 -> 0.804
-    # (AU23: 2 more misses), intensity 0.840 -> 0.825, continuous 0.834 -> 0.825; all six formats agreeing on
-    # 97.6% of (image, AU) pairs (was 96.8%).
+    # Share of (face, AU) decisions taught on an AU token moved toward the encoder head's decision boundary,
+    # on its own side, its head logit drawn from [gap, reach]: on its training faces the head is near certain,
+    # so without these the LLM never sees where the boundary lies and draws its own on new faces. Letting
+    # mixes cross the boundary broke the answers; a gap of 1.0 left the weak readings of new faces unseen.
     boundary_mix: float = 0.25
     boundary_gap: float = 0.25
     boundary_reach: float = 4.0
-    # Share of the LLM-stage faces taught as a new person's weak face: each of its AU tokens is moved toward the
-    # boundary as above with odds drawn per face from U(0.5, 1), instead of `boundary_mix`. Single mixes leave a
-    # face's other tokens firm, while a new face often reads weakly on many AUs at once (held-out logits within
-    # +-2 of the boundary: 4% against 1.3% on the training faces), and there the list wrote unrelated codes
-    # (fold 1: `AU27` where the head read AU4 at +1.4, AU27 at -14, and every other AU below 0). At 0.3 (fold 1,
-    # LLM stages retrained on the same encoder, the shipped recipe otherwise): the list's departures from its
-    # head 29 -> 14 (image, AU) pairs, 24 -> 11 of them wrong, list 0.733 -> 0.753, binary 0.768 -> 0.767
-    # (swaps at 0.5 on that fold: 22 departures, list 0.755). On fold 0 (same procedure): list 0.840 -> 0.816,
-    # binary 0.838 -> 0.831, departures 11 -> 20 (8 of them an AU27 the head reads absent). Noise: off.
+    # Share of faces taught as a new person's weak face: every AU token moved toward the boundary (odds drawn
+    # per face from U(0.5, 1)), where single mixes leave the face's other tokens firm. Within noise: off.
     weak_faces: float = 0.0
-    # Share of LLM-stage faces made chimeric: each asked AU's token taken from a different training face (any
-    # face with that AU labelled), the answer saying what each token's face has. On real faces AUs come in
-    # posed-emotion sets, so an answer can follow the set it has begun instead of reading each token: on fold 0
-    # the list answer departed from its encoder head on 62 of 2,204 (image, AU) pairs, as whole prototypes
-    # (head 1+17 -> list 4+7+17), 45 of its 62 changes wrong. In a chimera the AUs are independent.
-    # Chimeras need an LLM that can find each AU's token (the model config's `labelled_tokens`): without it, at
-    # 0.5 the LLM did not learn to read them (answer loss at the end of LoRA: binary 0.31, list 0.55) and the
-    # real faces' answers broke (list 0.748, binary 0.617). With labelled tokens and evidence at 0.25 (fold 0,
-    # the shipped checkpoint): the LLM reads chimeras as its head does (read-out 0.761, head 0.762). At 0.5
-    # (fold 0, the same encoder and seed): list 0.818 -> 0.840, binary 0.828 -> 0.838, JSON 0.804 -> 0.817, the
-    # others within 0.003; neutral faces with an AU written in the list 7 -> 4, sentence 12 -> 6; all six formats
-    # agreeing on 98.3% of (image, AU) pairs (was 96.9%).
+    # Share of faces made chimeric: each asked AU's token taken from another training face with that AU
+    # labelled, so the answer must read each token rather than complete the posed-emotion set it has begun.
+    # Needs the model config's `labelled_tokens` (without them the LLM did not learn to find the tokens).
     chimera: float = 0.5
-    # Share of the LLM stages' real (not chimeric) faces with ONE asked AU's token swapped for that AU's token
-    # of a training face labelled the other way, the answer changed with it: half the swaps remove a present
-    # AU, half add one. Posed faces come in emotion prototypes and random chimeras rarely make one minus an AU,
-    # so the list learned to complete a prototype it has begun (fold 1: `AU01, AU02, AU05, AU25, AU27` where
-    # the head reads AU27 at -2.8); a swap puts that prototype's prefix before an AU its token says is absent.
-    # At 0.5 (the shipped recipe otherwise, LLM stages retrained on the same encoders): fold 1 list 0.733 ->
-    # 0.755 (AU27 false positives 10 -> 6), binary 0.768 -> 0.765; fold 0 list 0.840 -> 0.822, binary 0.838 ->
-    # 0.836, JSON 0.817 -> 0.797, intensity, continuous, sentence +0.007 to +0.016. Within a retrain's noise: off.
+    # Share of the real faces with ONE asked AU's token swapped for one of a face labelled the other way, the
+    # answer changed with it, so that no emotion prototype completes itself. Within noise: off.
     swap: float = 0.0
     # Encoder learning rate during the LLM stages, relative to theirs. 0 freezes it: at 0.2 the LLM's gradient
     # pulled the encoder's held-out macro F1 from 0.76 to 0.71 in the first CK+ run.
