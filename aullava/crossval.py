@@ -147,17 +147,19 @@ def markdown(summary: dict) -> str:
     folds = summary.get("folds", len(summary["images_per_fold"]))
     lines = [f"Subject-exclusive {folds}-fold cross-validation: F1 of the model's written answers per AU, each "
              f"fold's held-out subjects never seen in its training. `mean` = mean over folds where the AU occurs, "
-             f"`pooled` = F1 over all folds' predictions; Avg over AUs with >= {summary['min_positives']} "
-             f"positives in all. Images per fold: {summary['images_per_fold']}.", ""]
+             f"`pooled` = F1 over all folds' predictions. Images per fold: {summary['images_per_fold']}.", ""]
     for name, entry in summary["formats"].items():
         header = ["AU", "name"] + [f"fold {i}" for i in range(folds)] + ["mean", "pooled", "positives"]
         lines += [f"### {name}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for au, v in entry["per_au"].items():
             lines.append("| " + " | ".join([au, facs.AUS[int(au[2:])].name] + [_cell(f) for f in v["f1_per_fold"]]
                                             + [_cell(v["mean_f1"]), _cell(v["pooled_f1"]), str(v["support"])]) + " |")
-        lines.append("| **Avg** | | " + " | ".join(_cell(f) for f in entry["macro_f1_per_fold"])
-                     + f" | **{_cell(entry['average_f1'])}** | {_cell(entry['average_pooled_f1'])} | |")
-        lines += ["", f"Parse failures: {entry['parse_failures']}.", ""]
+        lines.append("| **macro F1** | | " + " | ".join(_cell(f) for f in entry["macro_f1_per_fold"])
+                     + f" | {_cell(_mean(entry['macro_f1_per_fold']))} | | |")
+        lines += ["", f"Average over the AUs with >= {summary['min_positives']} positives in all folds: mean F1 "
+                      f"**{_cell(entry['average_f1'])}**, pooled F1 {_cell(entry['average_pooled_f1'])}. "
+                      f"The macro F1 row: each fold's own (AUs with >= {summary['min_positives']} positives in that "
+                      f"fold), and their mean. Parse failures: {entry['parse_failures']}.", ""]
         if entry.get("intensity"):
             lines += [f"Intensity of `{name}` on coded labels (mean over folds):", "",
                       "| AU | pairs | MAE | Pearson r | ICC(3,1) |", "|---|---|---|---|---|"]

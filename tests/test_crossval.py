@@ -102,3 +102,18 @@ def test_per_au_ratios_without_a_denominator_are_none_not_zero():
     assert (per_au["AU2"]["precision"], per_au["AU2"]["recall"], per_au["AU2"]["f1"]) == (0.0, None, 0.0)
     assert (per_au["AU4"]["precision"], per_au["AU4"]["recall"], per_au["AU4"]["f1"]) == (None, 0.0, 0.0)
     assert per_au["AU6"]["f1"] == 0.8
+
+
+def test_the_markdown_keeps_each_folds_macro_f1_apart_from_the_per_au_average():
+    from aullava.crossval import markdown, summarize
+
+    def fold(macro, tp12):
+        per_au = {"AU1": {"tp": 2, "fp": 1, "fn": 1, "f1": 0.667, "support": 3},
+                  "AU12": {"tp": tp12, "fp": 0, "fn": 10 - tp12, "f1": round(2 * tp12 / (tp12 + 10), 4), "support": 10}}
+        return {"aus": [1, 12], "images": 20, "detection_rate": 1.0, "agreement": {"all": 0.99},
+                "formats": {"list": {"per_au": per_au, "macro_f1": macro, "parse_failures": 0}}}
+
+    text = markdown(summarize([fold(0.9, 9), fold(0.8, 7)], ["list"]))
+    assert "| **macro F1** | | 0.900 | 0.800 | 0.850 | | |" in text  # the folds' own, and their mean
+    # only AU12 has >= 10 positives over the folds: its mean F1 (0.947 + 0.824) / 2
+    assert "Average over the AUs with >= 10 positives in all folds: mean F1 **0.885**, pooled F1 0.889" in text
