@@ -51,6 +51,7 @@ FORMAT_CHOICES = [(get_format(name).title, name) for name in format_names()]
 DEFAULT_FORMAT = os.environ.get("AULLAVA_DEFAULT_FORMAT", "intensity")
 CONCURRENCY = 2  # model calls run one at a time (the model's lock); 2 lets detection and drawing overlap
 LIVE_INTERVAL = 0.4  # seconds between webcam frames sent in live mode
+ANSWER_PENDING = "…"  # the answer's bubble until its first words (reading the prompt takes ~0.5 s on a CPU)
 CHAT_UPDATE_EVERY = 0.2  # seconds between streamed chat updates at least (the last one always comes)
 READY = "Give a face: upload a photo, use the webcam, paste an image or click the example."
 MAX_UPLOAD = "20mb"  # launch(max_file_size): bigger uploads are refused before they reach the analyser
@@ -178,7 +179,8 @@ def chat(message, history, session=None, face=None):
         except Exception:  # noqa: BLE001 - the computed facts still answer
             logger.exception("chat LLM unavailable")
     previous = history[:-1]
-    shown_at, text = 0.0, None
+    yield history + [{"role": "assistant", "content": ANSWER_PENDING}], ""  # the question shows, and that an answer comes
+    shown_at, text = time.perf_counter(), None
     try:
         for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
             if getattr(session, "replaced", False):

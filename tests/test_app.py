@@ -466,6 +466,8 @@ def test_chat_updates_are_spaced_and_the_last_reply_always_comes(monkeypatch):
     assert 1 <= len(updates) < 20  # a fast stream is shown at most every CHAT_UPDATE_EVERY seconds
     history, box = updates[-1]
     assert history[-1] == {"role": "assistant", "content": "reply 19"} and box == ""
+    first, box = updates[0]  # at once: the question, and a bubble saying an answer comes
+    assert first[-2]["content"] == "what does AU6 mean?" and first[-1]["content"] == app.ANSWER_PENDING and box == ""
 
 
 def test_a_format_change_is_noted_in_a_chat_that_has_answers():
