@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's aullava, run from anywhere
+
 checkpoint, metrics_path = Path(sys.argv[1]), Path(sys.argv[2])
 config = json.loads((checkpoint / "aullava_config.json").read_text())
 report = json.loads(metrics_path.read_text())
@@ -128,6 +130,32 @@ if diagnostics:
                  f"{diagnostics['chimeras']['readout']['macro_f1']}: an LLM that reads each AU's token keeps the "
                  "head's score there, one that reads the face as a whole loses it."
                  if "chimeras" in diagnostics else ""), ""]
+fold_reports = [report] + [json.loads(p.read_text()) for p in sorted(checkpoint.glob("metrics_fold*.json"))]
+if not held_out and len(fold_reports) > 1:  # the recipe run whole with each fold of subjects held out in turn
+    from aullava.crossval import markdown as crossval_markdown, summarize as crossval_summarize
+
+    # the continuous answer is read differently since 2026-12-07 (a mean of levels): some reports predate it
+    whole_formats = [n for n in ("list", "binary", "intensity", "json", "sentence")
+                     if all(n in r["formats"] for r in fold_reports)]
+    whole = crossval_summarize(fold_reports, whole_formats)
+    heads = [((r.get("diagnostics") or {}).get("encoder_head") or {}).get("macro_f1") for r in fold_reports]
+    means = {n: whole["formats"][n] for n in whole_formats}
+    mean_of = lambda values: f"{sum(values) / len(values):.3f}"  # noqa: E731
+    lines += [f"## The whole recipe, {len(fold_reports)} folds of subjects held out in turn",
+              f"The shipped recipe (command under Retrain, the fold's subjects passed to `--hold-out`) trained "
+              f"{len(fold_reports)} times, each time without one fold of the encoder cross-validation's subjects "
+              f"(below), and its written answers scored on that fold's peak + neutral frames "
+              f"({', '.join(map(str, whole['images_per_fold']))} images). Every subject of ckplus48 is scored once "
+              "by a model that never saw them" + ("" if len(fold_reports) == 5 else " (not yet: some folds are missing)")
+              + ". Mean of the folds' macro F1: "
+              + ", ".join(f"{n} **{mean_of(means[n]['macro_f1_per_fold'])}**" for n in whole_formats)
+              + (f"; the encoder's own head (not an answer) {mean_of(heads)}" if all(h is not None for h in heads) else "")
+              + ". The folds were trained with the code of their day (fold 0 on 2026-12-06, fold 1 that evening, fold 2 "
+              "on 2026-12-07, folds 3 and 4 on 2026-12-07 late), the same flags throughout; the `continuous` answer "
+              "is left out, as its decoder changed between them.", "",
+              crossval_markdown({**whole, "folds": len(fold_reports),  # the tables: the issue's two formats
+                                 "formats": {n: whole["formats"][n] for n in ("list", "binary") if n in means}}).rstrip(),
+              ""]
 if cv:
     folds = len(cv["folds"])
     other_folds = [p.stem.removeprefix("metrics_fold") for p in sorted(checkpoint.glob("metrics_fold*.json"))]
