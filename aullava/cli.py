@@ -37,12 +37,21 @@ def _writable(path, option: str, stdout_ok: bool = False):
 
 
 def _analyze(args) -> int:
-    from . import formats as fmt_lib
-    from .face import FaceError
     from .service import get_analyzer
 
-    from .batch import STDOUT, analyze_batch, expand_inputs, failure_line
-    from .distributed import analyze_sharded, launched
+    images = _analyze_inputs(args)
+    if args.csv or args.jsonl or args.plot:
+        return _write_rows(args, images)
+    analyzer = get_analyzer(args.checkpoint)
+    return 1 if sum(_print_results(analyzer, image, args) for image in map(str, images)) else 0
+
+
+def _analyze_inputs(args) -> list:
+    """The image and video files `analyze` was given, folders expanded, every option checked before any model
+    loads (a mistake should not cost the wait)."""
+    from . import formats as fmt_lib
+    from .batch import STDOUT, expand_inputs
+    from .distributed import launched
     from .video import is_video
 
     fmt_lib.get_format(args.format)
@@ -55,6 +64,11 @@ def _analyze(args) -> int:
     _writable(args.plot, "--plot")
     if args.csv == args.jsonl == STDOUT:
         raise ValueError("--csv - and --jsonl - would both write to standard output: send one of them to a file")
+    if args.json and (args.csv or args.jsonl):
+        raise ValueError("--json prints results instead of writing rows; with --csv/--jsonl the rows go there "
+                         "(--jsonl - writes them to standard output)")
+    if launched() and not (args.csv or args.jsonl):
+        raise ValueError("analyze under a distributed launcher writes its rows with --csv and/or --jsonl")
     skipped = []
     images = expand_inputs(args.images, skipped)
     if skipped:
@@ -65,65 +79,71 @@ def _analyze(args) -> int:
         raise ValueError(f"no image or video files in {', '.join(args.images)}")
     if args.plot and not any(is_video(p) for p in images):
         raise ValueError("--plot draws the AU time series of videos, and no video was given")
-    if args.json and (args.csv or args.jsonl):
-        raise ValueError("--json prints results instead of writing rows; with --csv/--jsonl the rows go there "
-                         "(--jsonl - writes them to standard output)")
+    return images
+
+
+def _write_rows(args, images) -> int:
+    """--csv / --jsonl / --plot: OpenFace-style rows, written as they come (shared between the processes of a
+    distributed launch); a summary on stderr."""
+    from .batch import analyze_batch
+    from .distributed import analyze_sharded, launched
+    from .service import get_analyzer
+
+    analyzer = get_analyzer(args.checkpoint)
     if launched():
-        if not (args.csv or args.jsonl):
-            raise ValueError("analyze under a distributed launcher writes its rows with --csv and/or --jsonl")
-        analyzer = get_analyzer(args.checkpoint)
         summary, run = analyze_sharded(analyzer, images, args.format, args.csv, args.jsonl, fps=args.fps,
                                        gather_every=args.gather_every)
-        if run["main"]:
-            if args.plot:
-                _plot_videos(summary, analyzer.aus, args.plot)
-            print(summary, file=sys.stderr)
-            _print_rate(len(images), run["seconds"], run["processes"], run["per_process"])
-        return 0 if summary.ok else 1
-    analyzer = get_analyzer(args.checkpoint)
-    if args.csv or args.jsonl or args.plot:
+        if not run["main"]:
+            return 0 if summary.ok else 1
+        seconds, processes, per_process = run["seconds"], run["processes"], run["per_process"]
+    else:
         started = time.perf_counter()
         summary = analyze_batch(analyzer, images, args.format, args.csv, args.jsonl, fps=args.fps)
-        if args.plot:
-            _plot_videos(summary, analyzer.aus, args.plot)
-        print(summary, file=sys.stderr)
-        _print_rate(len(images), time.perf_counter() - started, 1, [len(images)])
-        return 0 if summary.ok else 1
-    failed = 0
-    for image in map(str, images):
-        if is_video(image):
-            failed += _print_video(analyzer, image, args)
-            continue
-        try:
-            outcome = analyzer.analyze(image, args.format)
-        except FaceError as error:
-            failed += 1
-            message = str(error)
-            print(failure_line(image, message), file=sys.stderr)
-            if args.json:
-                print(json.dumps({"image": image, "error": message}))
-            continue
+        seconds, processes, per_process = time.perf_counter() - started, 1, [len(images)]
+    if args.plot:
+        _plot_videos(summary, analyzer.aus, args.plot)
+    print(summary, file=sys.stderr)
+    _print_rate(len(images), seconds, processes, per_process)
+    return 0 if summary.ok else 1
+
+
+def _print_results(analyzer, image: str, args) -> int:
+    """One input's faces as lines (or one JSON line per image, --json); returns how many faces or frames gave
+    no readable result."""
+    from . import formats as fmt_lib
+    from .batch import failure_line
+    from .face import FaceError
+    from .video import is_video
+
+    if is_video(image):
+        return _print_video(analyzer, image, args)
+    try:
+        outcome = analyzer.analyze(image, args.format)
+    except FaceError as error:
+        print(failure_line(image, str(error)), file=sys.stderr)
         if args.json:
-            print(json.dumps({"image": image, "faces": [f.to_dict() for f in outcome.faces],
-                              "seconds": {k: round(v, 4) for k, v in outcome.seconds.items()}}))
-            for face in (f for f in outcome.faces if f.error):
-                print(f"{image} face {face.face.number}: {face.error}", file=sys.stderr)
-                failed += 1
+            print(json.dumps({"image": image, "error": str(error)}))
+        return 1
+    unreadable = [face for face in outcome.faces if face.error]
+    if args.json:
+        print(json.dumps({"image": image, "faces": [f.to_dict() for f in outcome.faces],
+                          "seconds": {k: round(v, 4) for k, v in outcome.seconds.items()}}))
+        for face in unreadable:
+            print(f"{image} face {face.face.number}: {face.error}", file=sys.stderr)
+        return len(unreadable)
+    print(f"{image}: {len(outcome.faces)} face(s)")
+    for face in outcome.faces:
+        box = ", ".join(f"{v:.0f}" for v in face.face.box)
+        print(f"  face {face.face.number} box ({box})")
+        print(f"    model ({args.format}): {face.text}")
+        if face.error:
+            print(f"    {face.error}", file=sys.stderr)
             continue
-        print(f"{image}: {len(outcome.faces)} face(s)")
-        for face in outcome.faces:
-            box = ", ".join(f"{v:.0f}" for v in face.face.box)
-            print(f"  face {face.face.number} box ({box})")
-            print(f"    model ({args.format}): {face.text}")
-            if face.error:
-                print(f"    {face.error}", file=sys.stderr)
-                failed += 1
-                continue
-            active = face.result.active
-            levels = ", ".join(fmt_lib.au_code(a) + (f"={face.result.intensity[a]:g}" if face.result.intensity.get(a) is not None else "")
-                               for a in active)
-            print(f"    active AUs: {levels or 'none'}")
-    return 1 if failed else 0
+        levels = ", ".join(fmt_lib.au_code(a) + (f"={face.result.intensity[a]:g}"
+                                                 if face.result.intensity.get(a) is not None else "")
+                           for a in face.result.active)
+        print(f"    active AUs: {levels or 'none'}")
+    return len(unreadable)
 
 
 def _print_rate(inputs: int, seconds: float, processes: int, per_process: list):
