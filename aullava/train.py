@@ -223,6 +223,41 @@ def _optimizer_state_from_tensors(tensors: dict, meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _checked_format_shares(config: TrainConfig, processes: int) -> np.ndarray:
+    """The probability of each of `config.formats` per LLM-stage step, once the settings that no run could
+    honour are refused (before any data or model loads)."""
+    unknown = sorted(set(config.format_weights) - set(config.formats))
+    if unknown or any(not w > 0 for w in config.format_weights.values()):
+        # a share for a format that is not trained would silently do nothing
+        raise ValueError(f"format_weights takes positive shares of the trained formats {', '.join(config.formats)}; "
+                         f"got {config.format_weights}")
+    if config.grad_accum < 1:
+        raise ValueError(f"grad_accum must be at least 1, not {config.grad_accum}")
+    if min(config.batch_size, config.encoder_batch) < processes:
+        raise ValueError(f"the global batch ({config.batch_size}, encoder {config.encoder_batch}) is split across "
+                         f"{processes} processes: it must hold at least one image per process")
+    if config.alters_tokens and not config.encoder_frozen:
+        raise ValueError("boundary_mix, weak_faces, chimera and swap change the frozen encoder's tokens: they need "
+                         "encoder_lr_scale 0")
+    shares = {**FORMAT_WEIGHTS, **config.format_weights}
+    weights = np.array([shares.get(f, 1) for f in config.formats], dtype=float)
+    return weights / weights.sum()
+
+
+def _training_faces(config: TrainConfig):
+    """The manifest's training rows without the held-out subjects, detected and landmarked (aullava.data.faces)."""
+    samples = read_manifests(config.manifest, config.images_root, kinds=config.kinds)
+    samples = _without_held_out(samples, config.held_out_subjects)
+    missing = [s.path for s in samples if not s.path.is_file()]
+    if len(missing) == len(samples):
+        raise ValueError(f"none of the {len(samples)} training images of {config.manifest} exist (e.g. "
+                         f"{missing[0]}): give the folder its paths are relative to with --images-root")
+    table = prepare_faces(samples)
+    if len(table) == 0:
+        raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
+    return table
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, log=print):
         from accelerate import Accelerator
@@ -231,38 +266,27 @@ class Trainer:
         self.accelerator = Accelerator(cpu=use_cpu(config.cpu), mixed_precision=config.mixed_precision)
         self.device = self.accelerator.device
         self.log = log if self.accelerator.is_main_process else (lambda *args, **kwargs: None)
-        unknown = sorted(set(config.format_weights) - set(config.formats))
-        if unknown or any(not w > 0 for w in config.format_weights.values()):
-            # a share for a format that is not trained would silently do nothing
-            raise ValueError(f"format_weights takes positive shares of the trained formats {', '.join(config.formats)}; "
-                             f"got {config.format_weights}")
-        shares = {**FORMAT_WEIGHTS, **config.format_weights}
-        weights = np.array([shares.get(f, 1) for f in config.formats], dtype=float)
-        self.format_probabilities = weights / weights.sum()  # of config.formats, per LLM-stage step
-        if config.grad_accum < 1:
-            raise ValueError(f"grad_accum must be at least 1, not {config.grad_accum}")
         processes = self.accelerator.num_processes
-        if min(config.batch_size, config.encoder_batch) < processes:
-            raise ValueError(f"the global batch ({config.batch_size}, encoder {config.encoder_batch}) is split across "
-                             f"{processes} processes: it must hold at least one image per process")
+        self.format_probabilities = _checked_format_shares(config, processes)  # of config.formats, per LLM step
         self.out = Path(config.out)
         torch.manual_seed(config.seed)
         model_config = AULlavaConfig(base_llm=config.base_llm, **config.model)
         # the data first: a broken manifest or missing images are reported before the LLM loads
-        samples = read_manifests(config.manifest, config.images_root, kinds=config.kinds)
-        samples = _without_held_out(samples, config.held_out_subjects)
-        missing = [s.path for s in samples if not s.path.is_file()]
-        if len(missing) == len(samples):
-            raise ValueError(f"none of the {len(samples)} training images of {config.manifest} exist (e.g. "
-                             f"{missing[0]}): give the folder its paths are relative to with --images-root")
-        self.table = prepare_faces(samples)
-        if len(self.table) == 0:
-            raise ValueError(f"no training face could be read from {config.manifest} (see the skipped lines above)")
+        self.table = _training_faces(config)
         for warning in label_warnings(self.table.samples, model_config.aus):
             self.log(f"warning: {warning}")
         self.out.mkdir(parents=True, exist_ok=True)  # once the data is known good: a refused run leaves no folder
         self.model = self._build_model(model_config).to(self.device)
         self.aus = model_config.aus
+        self._label_tables()
+        self.log(f"{len(self.table)} training faces from {len({s.subject for s in self.table.samples})} subjects "
+                 f"({int(self.table.fallback.sum())} by whole-crop fallback); {processes} process(es) on "
+                 f"{self.device.type}, mixed precision {self.accelerator.mixed_precision}")
+        self.history: list[dict] = []
+        self._bank = None  # (AU tokens, logits) of every training face, for the altered tokens
+
+    def _label_tables(self):
+        """Labels, which of them are known, the asked-AU groups and the per-AU weights, over the training faces."""
         labels, known = presence_labels(self.table.samples, self.aus)
         self.labels, self.known = torch.from_numpy(labels).float(), torch.from_numpy(known).float()
         self.known_mask = known  # [faces, AUs] bool, as numpy for the per-step draws
@@ -281,14 +305,6 @@ class Trainer:
         self.default_levels = default_intensities(self.table.samples, self.aus)
         positives = (self.labels * self.known).sum(0)
         self.pos_weight = ((len(self.labels) - positives) / positives.clamp(min=1)).sqrt().clamp(max=4.0).to(self.device)
-        self.log(f"{len(self.table)} training faces from {len({s.subject for s in self.table.samples})} subjects "
-                 f"({int(self.table.fallback.sum())} by whole-crop fallback); {processes} process(es) on "
-                 f"{self.device.type}, mixed precision {self.accelerator.mixed_precision}")
-        self.history: list[dict] = []
-        self._bank = None  # (AU tokens, logits) of every training face, for the altered tokens
-        if config.alters_tokens and not config.encoder_frozen:
-            raise ValueError("boundary_mix, weak_faces, chimera and swap change the frozen encoder's tokens: they need "
-                             "encoder_lr_scale 0")
 
     def _build_model(self, model_config) -> AULlava:
         from .llm import load_base_llm, tiny_llm

@@ -193,5 +193,7 @@ def default_intensities(samples, aus, fallback: int = UNCODED_INTENSITY) -> dict
     levels = {}
     for au in aus:
         coded = [s.intensities[au] for s in samples if au in s.intensities]
+        # Python's round (a tie to the even level): every shipped run was taught so, and ties occur (AU9 over
+        # all of ckplus48 averages x.5); rounding them up would change what a retrain teaches
         levels[au] = round(sum(coded) / len(coded)) if coded else fallback
     return levels
