@@ -152,6 +152,14 @@ def analyse(image, format_name, session=None, face=None):
     return outputs
 
 
+def clear_chat(session=None):
+    """A new image (or none) in the input: an empty chat, and an answer still streaming about the previous
+    image stops before its next update (it would bring the old exchange back)."""
+    if isinstance(session, logic.Session):
+        session.replaced = True
+    return []
+
+
 def show_face(face, session):
     """Switch the text, chart, overlay and hint to another face of the current analysis (no model call)."""
     if not isinstance(session, logic.Session) or not session.results:
@@ -183,8 +191,9 @@ def chat(message, history, session=None, face=None):
     shown_at, text = time.perf_counter(), None
     try:
         for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
-            if getattr(session, "replaced", False):
-                return  # the page shows another face now, and a cleared chat
+            if getattr(session, "replaced", False):  # the page shows another face now, and a cleared chat:
+                yield gr.skip(), gr.skip()  # the event ends on no change (not on its last update, the old exchange)
+                return
             if time.perf_counter() - shown_at >= CHAT_UPDATE_EVERY:  # each update re-sends the whole history
                 shown_at = time.perf_counter()
                 yield history + [{"role": "assistant", "content": as_text(text)}], ""
@@ -363,7 +372,7 @@ def build() -> gr.Blocks:
         question.submit(chat, [question, chatbot, session, face], [chatbot, question], api_name="chat", **common)
         # a new face, a new chat: cleared first, in the same chain, so that what follows the analysis reads the
         # cleared chat (an answer still streaming about the previous face stops itself: Session.replaced)
-        image.change(lambda: [], None, chatbot, queue=False, api_visibility="private").then(
+        image.change(clear_chat, session, chatbot, queue=False, api_visibility="private").then(
             analyse, [image, fmt, session, face], outputs, api_name="analyse", **common).then(
             ask_pending, [pending_question, chatbot, session, face], [chatbot, pending_question],
             api_visibility="private", **common)

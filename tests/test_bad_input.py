@@ -347,9 +347,9 @@ def test_label_warnings_name_what_the_model_will_not_learn():
     samples = [Sample(Path("a.jpg"), "S1", aus=frozenset({3, 12})), Sample(Path("a.jpg"), "S1", aus=frozenset({12})),
                Sample(Path("b.jpg"), "S2", aus=frozenset({43}))]
     outside, repeated, unseen = label_warnings(samples, (1, 12))
-    assert "AU3 (1 row), AU43 (1 row) labelled in the manifest but not among the model's 2 AUs" in outside
+    assert "AU03 (1 row), AU43 (1 row) labelled in the manifest but not among the model's 2 AUs" in outside
     assert "1 image(s) are listed more than once (e.g. a.jpg)" in repeated
-    assert unseen.startswith("no training face shows AU1:")
+    assert unseen.startswith("no training face shows AU01:")
     assert len(label_warnings(samples, (1, 12), training=False)) == 2
 
 

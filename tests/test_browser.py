@@ -26,7 +26,8 @@ PROBE = """(() => {
   const text = document.querySelector('#aullava-text textarea');
   const bots = document.querySelectorAll('#aullava-chat .bot.message');
   const busy = document.querySelector('#aullava-chat .generating, #aullava-chart .generating');
-  const ready = chart && chart.complete && chart.naturalWidth > 0 && text && text.value && bots.length && !busy;
+  const answered = bots.length && bots[bots.length - 1].innerText.trim() !== '\u2026';  // not the pending bubble
+  const ready = chart && chart.complete && chart.naturalWidth > 0 && text && text.value && answered && !busy;
   if (!ready) return null;
   const box = (selector) => { const r = document.querySelector(selector).getBoundingClientRect();
                               return {x: r.left, y: r.top, w: r.width, h: r.height}; };
