@@ -186,19 +186,24 @@ def chat(message, history, session=None, face=None):
             generate = chat_lib.LLMStreamer(analyzer.model, lock=analyzer.lock)
         except Exception:  # noqa: BLE001 - the computed facts still answer
             logger.exception("chat LLM unavailable")
+    def replaced() -> bool:  # the page shows another image now, and a cleared chat
+        return getattr(session, "replaced", False)
+
     previous = history[:-1]
-    yield history + [{"role": "assistant", "content": ANSWER_PENDING}], ""  # the question shows, and that an answer comes
+    if not replaced():
+        yield history + [{"role": "assistant", "content": ANSWER_PENDING}], ""  # the question, and an answer to come
     shown_at, text = time.perf_counter(), None
     try:
         for text in chat_lib.respond(message, facts, previous, generate, parse_error=parse_error):
-            if getattr(session, "replaced", False):  # the page shows another face now, and a cleared chat:
-                yield gr.skip(), gr.skip()  # the event ends on no change (not on its last update, the old exchange)
-                return
+            if replaced():
+                break  # stops the LLM
             if time.perf_counter() - shown_at >= CHAT_UPDATE_EVERY:  # each update re-sends the whole history
                 shown_at = time.perf_counter()
                 yield history + [{"role": "assistant", "content": as_text(text)}], ""
                 text = None
-        if text is not None:  # the final reply, if the last update did not show it
+        if replaced():
+            yield gr.skip(), gr.skip()  # the event ends on no change, not on its last update (the old exchange)
+        elif text is not None:  # the final reply, if the last update did not show it
             yield history + [{"role": "assistant", "content": as_text(text)}], ""
     except Exception as error:  # noqa: BLE001
         logger.exception("chat failed")

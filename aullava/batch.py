@@ -152,7 +152,8 @@ def video_rows(analyzer, path: Path, format_name: str, fps: float | None = DEFAU
     base = {"file": name or str(path), "format": format_name}  # name: what the rows call the file, if not its path
     try:
         total = video_info(path).sampled_frames(fps)
-        total = min(total, max_frames) if total and max_frames else total or max_frames
+        if max_frames:
+            total = min(total, max_frames) if total else max_frames
         frames = itertools.islice(read_frames(path, fps), max_frames)
         tracker = FaceTracker()
         for frame in tqdm(frames, desc=Path(path).name, unit="frame", total=total, disable=not progress,

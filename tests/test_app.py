@@ -500,3 +500,7 @@ def test_an_answer_streaming_about_a_replaced_photo_stops(monkeypatch):
     assert session.replaced
     rest = list(updates)  # no later update brings the old exchange back, not even the event's last one
     assert len(rest) == 1 and all(isinstance(value, type(app.gr.skip())) for value in rest[0])
+    gone = _session()
+    gone.replaced = True  # a question whose photo was removed before its turn came: not even the pending bubble
+    (only,) = list(app.chat("is AU12 there?", [], gone))
+    assert all(isinstance(value, type(app.gr.skip())) for value in only)
