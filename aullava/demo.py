@@ -237,7 +237,7 @@ def emotion_hint(result) -> str:
     if not hints:
         if not active:
             return "**Emotion hint:** none; no Action Unit is active (a neutral face, as far as the model sees)."
-        return ("**Emotion hint:** none; the active AUs (" + ", ".join(facs.au_code(a) for a in active)
+        return ("**Emotion hint:** none; the active AUs (" + ", ".join(fmt_lib.au_code(a) for a in active)
                 + ") match no EMFACS emotion prototype.")
     lines = []
     for hint in hints[:3]:

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
 from . import facs
-from .formats import MAX_INTENSITY
+from .formats import MAX_INTENSITY, au_code
 
 # Height at which a present AU is drawn when the format says only "present" (list, binary): 1 = FACS "trace",
 # the least intensity that counts as present. The bar is hatched and the chart's title says so.
@@ -159,8 +159,6 @@ def au_time_series(rows: list[dict], aus, face_id=None, title: str = "", max_aus
     """AU curves over a video from batch rows (OpenFace columns): one small panel per AU that is active at
     least once, top of the face first, on the fixed 0-5 intensity scale (or 0/1 presence when the format
     writes no intensity). `face_id` picks one face; by default the face seen in most frames."""
-    from .formats import au_code
-
     # rows as batch yields them or as read back from its CSV (every value a string)
     faces = [r for r in rows if str(r.get("success")) == "1" and str(r.get("face_id", "")) != ""]
     if not faces:
@@ -342,7 +340,7 @@ def face_overlay(image, faces, selected: int | None = 0, active_aus=(), max_side
                     shade.polygon(polygon, fill=color + (80,), outline=color + (230,), width=max(1, line - 1))
             anchor = groups[-1].max(axis=0)  # right/bottom edge of the last group
             top = groups[-1][:, 1].min()
-            codes = " ".join(facs.au_code(a) for a in sorted(aus))
+            codes = " ".join(au_code(a) for a in sorted(aus))
             box = shade.textbbox((anchor[0] + 4, top), codes, font=small_font)
             shade.rectangle((box[0] - 2, box[1] - 1, box[2] + 2, box[3] + 1), fill=(255, 255, 255, 200))
             shade.text((anchor[0] + 4, top), codes, fill=color + (255,), font=small_font)
