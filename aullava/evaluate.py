@@ -87,7 +87,7 @@ def asked_groups(samples, aus) -> list[tuple[tuple, list[int]]]:
     `aus` it has a label for (a DISFA frame of a model trained with BP4D is asked DISFA's AUs), in order."""
     groups: dict = {}
     for i, sample in enumerate(samples):
-        groups.setdefault(tuple(a for a in aus if sample.is_known(a)) or tuple(aus), []).append(i)
+        groups.setdefault(sample.asked(aus) or tuple(aus), []).append(i)
     return list(groups.items())
 
 

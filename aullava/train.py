@@ -294,8 +294,8 @@ class Trainer:
         # As the paper does for mixed datasets, each image is asked only about the AUs it has labels for (its
         # dataset's AU set minus unknown labels). A batch shares one prompt, so images are grouped by that set.
         groups: dict[tuple, list[int]] = {}
-        for index, row in enumerate(self.known_mask):
-            asked = tuple(a for a, known in zip(self.aus, row) if known)
+        for index, sample in enumerate(self.table.samples):
+            asked = sample.asked(self.aus)
             if asked:
                 groups.setdefault(asked, []).append(index)
         if not groups:

@@ -49,6 +49,11 @@ class Sample:
         """Whether this image has a label (present or absent) for `au`."""
         return au not in self.unknown and (self.coded is None or au in self.coded)
 
+    def asked(self, aus) -> tuple:
+        """The AUs of `aus` this image is asked (and taught) about: those it has a label for, as the paper does
+        for mixed datasets."""
+        return tuple(a for a in aus if self.is_known(a))
+
 
 def _parse_aus(text: str, row: str) -> frozenset:
     try:
