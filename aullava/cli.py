@@ -64,9 +64,9 @@ def _analyze_inputs(args) -> list:
     _writable(args.plot, "--plot")
     if args.csv == args.jsonl == STDOUT:
         raise ValueError("--csv - and --jsonl - would both write to standard output: send one of them to a file")
-    if args.json and (args.csv or args.jsonl):
-        raise ValueError("--json prints results instead of writing rows; with --csv/--jsonl the rows go there "
-                         "(--jsonl - writes them to standard output)")
+    if args.json and (args.csv or args.jsonl or args.plot):
+        raise ValueError("--json prints results instead of writing rows; with --csv/--jsonl/--plot the rows go "
+                         "there (--jsonl - writes them to standard output)")
     if launched() and not (args.csv or args.jsonl):
         raise ValueError("analyze under a distributed launcher writes its rows with --csv and/or --jsonl")
     skipped = []

@@ -310,7 +310,8 @@ def test_analyze_refuses_a_dash_where_standard_output_cannot_serve(tmp_path, cap
     for flags, words in ((["--csv", "-", "--jsonl", "-"], "both write to standard output"),
                          (["--plot", "-"], "--plot cannot write to standard output"),
                          (["--plot", "aus.png"], "no video was given"),  # before every row is written
-                         (["--json", "--csv", "rows.csv"], "--json prints results instead of writing rows")):
+                         (["--json", "--csv", "rows.csv"], "--json prints results instead of writing rows"),
+                         (["--json", "--plot", "aus.png"], "--json prints results instead of writing rows")):
         assert cli.main(["analyze", str(image), *flags]) == 2, flags
         assert words in capsys.readouterr().err, flags
     assert not (tmp_path / "-").exists()
