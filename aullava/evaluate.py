@@ -40,9 +40,23 @@ def metrics_from_counts(counts: dict) -> dict:
         f1 = round(2 * tp / (2 * tp + fp + fn), 4) if tp + fp + fn else None
         per_au[name] = {"precision": precision, "recall": recall, "f1": f1,
                         "support": tp + fn, "tp": tp, "fp": fp, "fn": fn}
-    scored = [v["f1"] for v in per_au.values() if v["support"] >= MIN_POSITIVES]
-    return {"per_au": per_au, "macro_f1": round(float(np.mean(scored)), 4) if scored else None,
-            "macro_f1_aus": [k for k, v in per_au.items() if v["support"] >= MIN_POSITIVES]}
+    return {"per_au": per_au, **macro_f1(per_au)}
+
+
+def macro_f1(per_au: dict, min_positives: int = MIN_POSITIVES) -> dict:
+    """Macro F1 over the AUs with at least `min_positives` positives, and which AUs those are."""
+    names = [k for k, v in per_au.items() if v["support"] >= min_positives]
+    return {"macro_f1": round(float(np.mean([per_au[k]["f1"] for k in names])), 4) if names else None,
+            "macro_f1_aus": names}
+
+
+def _with_min_positives(report, min_positives: int):
+    """Every macro F1 in a report (formats, diagnostics) taken over the AUs with `min_positives` positives."""
+    if isinstance(report, dict):
+        if "per_au" in report and "macro_f1" in report:
+            report.update(macro_f1(report["per_au"], min_positives))
+        for value in report.values():
+            _with_min_positives(value, min_positives)
 
 
 def icc_3_1(ratings) -> float | None:
@@ -125,13 +139,17 @@ def scored_samples(manifest, images_root=None, kinds=None, subjects=None) -> tup
 
 def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), kinds=None,
              subjects=None, batch_size: int = 16, progress: bool = True, diagnostics: bool = True,
-             predictions: list | None = None, scored: tuple | None = None) -> dict:
+             predictions: list | None = None, scored: tuple | None = None,
+             min_positives: int = MIN_POSITIVES) -> dict:
     """Metrics of the model's written answers per format. With `diagnostics`, also (labelled apart, never as
     the model's answer) its encoder's own per-AU head and the fast read-out of the live mode: what the
     features know, and how much of it the writing keeps; and the read-out on chimeric faces: whether the LLM
     reads each AU's token or the face as a whole. `predictions`, a list, receives one row per image and format
     (see prediction_row): what the model wrote for each face, parsed, beside its labels. `scored`: what
-    `scored_samples` gave for these arguments, where the caller has it already."""
+    `scored_samples` gave for these arguments, where the caller has it already. Macro F1 is taken over the AUs
+    with at least `min_positives` positives (10, the bar the model card reports at; fewer for a small set)."""
+    if min_positives < 1:
+        raise ValueError(f"min_positives must be at least 1, got {min_positives}")
     samples, missing = scored if scored is not None else scored_samples(manifest, images_root, kinds, subjects)
     aus = analyzer.aus
     detected, faces, detect_seconds, undetected = [], [], 0.0, []  # undetected: (sample, reason)
@@ -203,6 +221,8 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
         report["diagnostics"] = _diagnostics(analyzer, faces, [index_of[id(s)] for s in detected], truth, known,
                                              batch_size, presence_by_format.get("binary"), answered.get("binary"),
                                              progress)
+    _with_min_positives(report, min_positives)
+    report["min_positives"] = min_positives
     return report
 
 

@@ -117,3 +117,16 @@ def test_the_markdown_keeps_each_folds_macro_f1_apart_from_the_per_au_average():
     assert "| **macro F1** | | 0.900 | 0.800 | 0.850 | | |" in text  # the folds' own, and their mean
     # only AU12 has >= 10 positives over the folds: its mean F1 (0.947 + 0.824) / 2
     assert "Average over the AUs with >= 10 positives in all folds: mean F1 **0.885**, pooled F1 0.889" in text
+
+
+def test_a_lower_positive_bar_scores_the_rarer_aus_in_every_macro_f1_of_a_report():
+    from aullava.evaluate import _with_min_positives, metrics_from_counts
+
+    counts = {"AU1": (9, 1, 1), "AU2": (2, 0, 1), "AU4": (0, 1, 0)}  # supports 10, 3, 0
+    assert metrics_from_counts(counts)["macro_f1_aus"] == ["AU1"]  # the card's bar: 10 positives
+    report = {"formats": {"list": metrics_from_counts(counts)},
+              "diagnostics": {"encoder_head": metrics_from_counts(counts)}}
+    _with_min_positives(report, 3)
+    for metrics in (report["formats"]["list"], report["diagnostics"]["encoder_head"]):
+        assert metrics["macro_f1_aus"] == ["AU1", "AU2"]  # an AU without positives is never averaged in
+        assert metrics["macro_f1"] == round((0.9 + 0.8) / 2, 4)
