@@ -198,14 +198,12 @@ def _manifests(paths: list | None):
 
 def _evaluate(args) -> int:
     from .data.manifest import label_warnings
-    from .evaluate import MIN_POSITIVES, evaluate, scored_samples
+    from .evaluate import MIN_POSITIVES, checked_min_positives, evaluate, scored_samples
     from .service import Analyzer
 
     manifest = _manifests(args.manifest)
     kinds, subjects = _names(args.kinds), _names(args.subjects)
-    least = MIN_POSITIVES if args.min_positives is None else args.min_positives
-    if least < 1:
-        raise ValueError(f"--min-positives must be at least 1, got {least}")
+    least = checked_min_positives(MIN_POSITIVES if args.min_positives is None else args.min_positives)
     scored = scored_samples(manifest, args.images_root, kinds, subjects)  # refused before the model loads
     samples = scored[0]
     _writable(args.out, "--out")

@@ -50,6 +50,12 @@ def macro_f1(per_au: dict, min_positives: int = MIN_POSITIVES) -> dict:
             "macro_f1_aus": names}
 
 
+def checked_min_positives(min_positives: int) -> int:
+    if min_positives < 1:
+        raise ValueError(f"the positive bar (--min-positives) must be at least 1, got {min_positives}")
+    return min_positives
+
+
 def _with_min_positives(report, min_positives: int):
     """Every macro F1 in a report (formats, diagnostics) taken over the AUs with `min_positives` positives."""
     if isinstance(report, dict):
@@ -148,8 +154,7 @@ def evaluate(analyzer, manifest, images_root=None, formats=("list", "binary"), k
     (see prediction_row): what the model wrote for each face, parsed, beside its labels. `scored`: what
     `scored_samples` gave for these arguments, where the caller has it already. Macro F1 is taken over the AUs
     with at least `min_positives` positives (10, the bar the model card reports at; fewer for a small set)."""
-    if min_positives < 1:
-        raise ValueError(f"min_positives must be at least 1, got {min_positives}")
+    checked_min_positives(min_positives)
     samples, missing = scored if scored is not None else scored_samples(manifest, images_root, kinds, subjects)
     aus = analyzer.aus
     detected, faces, detect_seconds, undetected = [], [], 0.0, []  # undetected: (sample, reason)

@@ -279,7 +279,7 @@ def test_evaluate_refuses_what_it_cannot_score_before_the_model_loads(tmp_path, 
         (["--manifest", str(tmp_path)], "is a folder"),
         (["--manifest", str(bom), "--out", str(tmp_path)], "--out"),
         (["--manifest", str(manifest), "--predictions", str(tmp_path / "no" / "p.csv")], "the folder"),
-        (["--manifest", str(manifest), "--min-positives", "0"], "--min-positives must be at least 1"),
+        (["--manifest", str(manifest), "--min-positives", "0"], "(--min-positives) must be at least 1"),
     ]
     for flags, words in cases:
         out = ["--out", str(tmp_path / "metrics.json")] if "--out" not in flags else []
