@@ -72,6 +72,9 @@ class AULlavaConfig:
     # structured formats agreeing on >= 98% of (image, AU) pairs per pair; the image block grows from 19 to
     # ~95 tokens (list answer of the bench photo 0.28 s).
     labelled_tokens: bool = True
+    # Text after the image block in the user turn (empty: the image ends it). Without it the last AU's labelled
+    # token ("AU27:<token>") stands right before the answer.
+    image_suffix: str = ""
     training: dict = field(default_factory=dict)  # provenance written by train.py
 
     @property
@@ -87,6 +90,7 @@ class AULlavaConfig:
         known["aus"] = tuple(int(a) for a in known.get("aus", MODEL_AUS))
         for written_later in ("evidence", "labelled_tokens"):  # a config older than the field: without it
             known.setdefault(written_later, False)
+        known.setdefault("image_suffix", "")
         return cls(**known)
 
 
@@ -188,8 +192,8 @@ class AULlava(nn.Module):
         from .llm import chat_prompt
 
         instruction = fmt_lib.get_format(format_name).instruction(self.asked_aus(aus))
-        text = chat_prompt(self.tokenizer, [{"role": "user", "content": f"{instruction}\n{IMAGE_PLACEHOLDER}"}],
-                           system=self.config.system_prompt)
+        content = f"{instruction}\n{IMAGE_PLACEHOLDER}{self.config.image_suffix}"
+        text = chat_prompt(self.tokenizer, [{"role": "user", "content": content}], system=self.config.system_prompt)
         before, after = text.split(IMAGE_PLACEHOLDER)
         return before, after
 

@@ -429,6 +429,26 @@ def test_labelled_tokens_follow_their_codes_in_the_prompt(tiny_model):
     assert block.shape[1] == at
 
 
+def test_image_suffix_follows_the_image_block_and_is_saved(tmp_path):
+    from aullava.llm import tiny_llm
+
+    torch.manual_seed(3)
+    llm, tokenizer = tiny_llm(seed=0)
+    encoder = {"type": "landmark_patch", "dim": 16, "chip_size": 64, "channels": 8, "head_layers": 1}
+    config = AULlavaConfig(aus=AUS, encoder=encoder, lora=None, image_suffix="\nAnswer for this face.")
+    model = AULlava(config, llm, tokenizer).eval()
+    before, after = model.prompt_parts("list")
+    assert after.startswith("\nAnswer for this face.") and "Answer for this face" not in before
+    plain_before, plain_after = AULlava(AULlavaConfig(aus=AUS, encoder=encoder, lora=None), llm, tokenizer).prompt_parts("list")
+    assert plain_before == before and after == "\nAnswer for this face." + plain_after
+    chip, landmarks = _faces(2, seed=8)
+    loaded = from_pretrained(save_pretrained(model, tmp_path / "suffix"), llm=llm, tokenizer=tokenizer)
+    assert loaded.config.image_suffix == config.image_suffix
+    assert [g.text for g in loaded.generate(chip, landmarks, "list")] == [g.text for g in model.generate(chip, landmarks, "list")]
+    # a config written before the field existed: the image ends the user turn
+    assert AULlavaConfig.from_dict({"aus": list(AUS)}).image_suffix == ""
+
+
 def test_mean_option_is_the_levels_mean_written_to_a_tenth():
     from aullava.model import _mean_option
 
