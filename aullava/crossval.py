@@ -22,7 +22,7 @@ from .data.manifest import read_manifests, subject_folds
 from .distributed import use_cpu
 from .evaluate import MIN_POSITIVES, evaluate
 from .model import AULlavaConfig
-from .train import Trainer, TrainConfig, finished_recipe, run_recipe
+from .train import Trainer, TrainConfig, finished_recipe, recipe_changes, run_recipe
 
 
 def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), diagnostics: bool = False,
@@ -44,8 +44,9 @@ def crossval(config: TrainConfig, folds: int = 3, formats=("list", "binary"), di
         if saved is not None and saved.get("held_out") != sorted(held_out):
             raise ValueError(f"{fold_dir} holds a fold of another split (other held-out subjects: another --folds, "
                              "--seed or manifest): give another --out")
-        if (saved is not None and set(formats) <= set(saved["formats"])
-                and finished_recipe(fold_dir) == run_recipe(fold_config)):
+        finished = finished_recipe(fold_dir)
+        if (saved is not None and set(formats) <= set(saved["formats"]) and finished is not None
+                and not recipe_changes(finished, run_recipe(fold_config), budget=True)):
             log(f"fold{index} ({index + 1} of {folds}): already trained and evaluated with these settings, read from {metrics_path}")
             reports.append(saved)
             continue

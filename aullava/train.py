@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,10 @@ class TrainConfig:
     # Weight of the decisions that say an AU is there (list, binary, 0-5), with decisive_loss. Above 1 it
     # counters the written answers' leaning to "absent" on new faces (most AUs are absent in every answer).
     present_weight: float = 1.0
+    # Weight of the decisions where an answer may stop (the end-of-answer token among the alternatives: list,
+    # JSON, sentence), with decisive_loss. Wrong AUs written after a complete list cost the list most of its
+    # distance to binary, and the end stays a soft choice even on the training faces.
+    end_weight: float = 1.0
     # Share of (face, AU) decisions taught on an AU token moved toward the encoder head's decision boundary,
     # on its own side, its head logit drawn from [gap, reach]: on its training faces the head is near certain,
     # so without these the LLM never sees where the boundary lies and draws its own on new faces. Letting
@@ -468,8 +472,8 @@ class Trainer:
         # Only the decoder's choices carry a loss, each among its alternatives: forced text is fed at inference,
         # never predicted, and in the vector formats it outnumbers the decisions 4 to 1, diluting their gradient.
         choices = [alternatives for _, alternatives, _ in targets] if self.config.decisive_loss else None
-        weights = ([[self.config.present_weight if p else 1.0 for p in present] for _, _, present in targets]
-                   if choices is not None else None)  # they scale the choices' losses only
+        weights = ([[self._decision_weight(p, alternatives) for p, alternatives in zip(present, alts)]
+                    for _, alts, present in targets] if choices is not None else None)  # the choices' losses only
         scored = (sum(c is not None for cs in choices for c in cs) if choices is not None
                   else sum(len(a) for a in answers))
         bf16_llm = self.model.llm_dtype == torch.bfloat16
@@ -486,6 +490,12 @@ class Trainer:
         counts = {"lm": float(max(1, scored)), "aux": float(self.known[indices].sum().clamp(min=1))}
         means = self._accumulate(micro_loss, batch_size, counts, {"lm": 1.0, "aux": self.config.aux_weight})
         return means["lm"] + self.config.aux_weight * means["aux"], {**means, "format": format_name, "asked_aus": len(asked)}
+
+    def _decision_weight(self, says_present: bool, alternatives) -> float:
+        weight = self.config.present_weight if says_present else 1.0
+        if alternatives is not None and self.model.eos_id in alternatives:
+            weight *= self.config.end_weight
+        return weight
 
     # ----- across processes --------------------------------------------------------------------------
     def _flat_reduce(self, tensors: list, reduction: str) -> list:
@@ -558,7 +568,9 @@ class Trainer:
         if resume and (state_dir / "trainer.json").is_file():
             resume_state = json.loads((state_dir / "trainer.json").read_text())
             self._check_same_recipe(resume_state.get("recipe"))
-            if resume_state.get("finished") == self.recipe() and (self.out / "checkpoint").is_dir():
+            finished = resume_state.get("finished")
+            if finished is not None and not recipe_changes(finished, self.recipe(), budget=True) \
+                    and (self.out / "checkpoint").is_dir():
                 self.log(f"already trained with this recipe: {self.out / 'checkpoint'} (--no-resume trains it again)")
                 return self.out / "checkpoint"
             start_stage, start_step = STAGES.index(resume_state["stage"]), resume_state["step"]
@@ -633,8 +645,7 @@ class Trainer:
         were recorded are continued as they were.)"""
         if saved is None:
             return
-        now = self.recipe()
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and k not in BUDGET)
+        changed = recipe_changes(saved, self.recipe())
         if changed:
             raise ValueError(f"{self.out} holds a run of another recipe (it differs in {', '.join(changed)}): give "
                              "another --out, or --no-resume to train this one from the start there")
@@ -687,6 +698,17 @@ def run_recipe(config: TrainConfig) -> dict:
     manifests = [config.manifest] if isinstance(config.manifest, str) else config.manifest
     recipe["manifest"] = [str(Path(m).resolve()) for m in manifests]
     return json.loads(json.dumps(recipe))  # tuples as lists, as read back from trainer.json
+
+
+def recipe_changes(saved: dict, now: dict, budget: bool = False) -> list[str]:
+    """The settings in which two recipes differ (the stages' budgets only with `budget`). A setting added to
+    TrainConfig after a run was saved is no change while it keeps its default."""
+    def default(name):
+        f = TrainConfig.__dataclass_fields__.get(name)
+        return None if f is None or f.default is MISSING else json.loads(json.dumps(f.default))
+
+    saved = {**{k: now[k] for k in set(now) - set(saved) if now[k] == default(k)}, **saved}
+    return sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k) and (budget or k not in BUDGET))
 
 
 def finished_recipe(out) -> dict | None:

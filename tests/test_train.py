@@ -487,6 +487,36 @@ def test_a_finished_run_is_not_redone_and_another_recipe_is_not_continued(tiny_m
     Trainer(other).run(resume=False)  # --no-resume: trained anew there
 
 
+def test_a_run_saved_before_a_setting_existed_is_the_same_recipe_at_its_default(tiny_manifest, tmp_path):
+    config = _config(tiny_manifest, tmp_path, encoder_steps=2, projector_steps=1, lora_steps=1)
+    Trainer(config).run()
+    state = tmp_path / "state" / "trainer.json"
+    saved = json.loads(state.read_text())
+    for key in ("recipe", "finished"):
+        del saved[key]["end_weight"]  # as written before the setting was added
+    state.write_text(json.dumps(saved))
+    again = Trainer(config)
+    assert again.run() == tmp_path / "checkpoint" and again.history == []
+    changed = _config(tiny_manifest, tmp_path, encoder_steps=2, projector_steps=1, lora_steps=1, end_weight=3.0)
+    with pytest.raises(ValueError, match="it differs in end_weight"):
+        Trainer(changed).run()
+
+
+def test_end_weight_scales_the_decisions_where_an_answer_may_stop(tiny_manifest, tmp_path):
+    from aullava import formats as fmt_lib
+
+    trainer = Trainer(_config(tiny_manifest, tmp_path, end_weight=3.0, present_weight=2.0))
+    model = trainer.model
+    result = fmt_lib.AUResult.from_active(model.config.aus, (model.config.aus[0],))
+    _, alternatives, present = model.answer_targets("list", result)
+    weights = [trainer._decision_weight(p, alts) for p, alts in zip(present, alternatives)]
+    ends = [i for i, alts in enumerate(alternatives) if alts is not None and model.eos_id in alts]
+    assert ends and all(weights[i] == 3.0 * (2.0 if present[i] else 1.0) for i in ends)
+    assert all(w == (2.0 if p else 1.0) for i, (w, p) in enumerate(zip(weights, present)) if i not in ends)
+    _, alternatives, _ = model.answer_targets("binary", result)
+    assert not any(alts is not None and model.eos_id in alts for alts in alternatives)  # binary never stops early
+
+
 def test_evaluate_without_diagnostics_scores_the_answers_only(trained, tiny_manifest, tmp_path, capsys):
     from aullava.cli import main
 
