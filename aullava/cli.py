@@ -269,7 +269,7 @@ def _train_config(args, **extra):
              "kinds": _names(args.kinds), "tiny_llm": args.tiny or None,
              "mixed_precision": args.mixed_precision, "grad_accum": args.grad_accum, "cpu": args.cpu or None,
              "boundary_mix": args.boundary_mix, "boundary_gap": args.boundary_gap, "chimera": args.chimera,
-             "swap": args.swap, "weak_faces": args.weak_faces}
+             "swap": args.swap, "weak_faces": args.weak_faces, "end_weight": args.end_weight}
     return train_config(args.config, **flags, **extra)
 
 
@@ -329,6 +329,8 @@ def _add_training_options(parser, out_help: str):
     parser.add_argument("--swap", type=float, help="share of the other faces with one AU token swapped for one "
                         "from a face labelled the other way, so that no emotion prototype completes itself "
                         "(default 0.0)")
+    parser.add_argument("--end-weight", type=float, help="weight of the loss where an answer may stop (list, JSON, "
+                        "sentence), against lists that go on past their last AU (default 1.0)")
     parser.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                         help="default: accelerate's (launch flag or `accelerate config`), else no")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even where a GPU is available")

@@ -237,6 +237,9 @@ def _checked_format_shares(config: TrainConfig, processes: int) -> np.ndarray:
                          f"got {config.format_weights}")
     if config.grad_accum < 1:
         raise ValueError(f"grad_accum must be at least 1, not {config.grad_accum}")
+    for name in ("present_weight", "end_weight"):
+        if not getattr(config, name) > 0:  # 0 would silence those decisions' loss altogether
+            raise ValueError(f"{name} must be positive, not {getattr(config, name)}")
     if min(config.batch_size, config.encoder_batch) < processes:
         raise ValueError(f"the global batch ({config.batch_size}, encoder {config.encoder_batch}) is split across "
                          f"{processes} processes: it must hold at least one image per process")

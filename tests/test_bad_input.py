@@ -330,6 +330,16 @@ def test_train_refuses_held_out_names_the_manifest_lacks_and_holding_out_everyon
         assert words in capsys.readouterr().err, hold_out
 
 
+def test_train_refuses_a_loss_weight_that_is_not_positive(tmp_path, capsys):
+    from aullava.cli import main
+
+    manifest = write_manifest(tmp_path / "m.csv", [{"path": "x.jpg", "subject": "S0", "aus": "12", "kind": "peak"}])
+    assert main(["train", "--manifest", str(manifest), "--out", str(tmp_path / "run"), "--tiny",
+                 "--end-weight", "0"]) == 2
+    assert "end_weight must be positive, not 0.0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_manifest_rows_with_impossible_intensities_are_refused_with_their_row(tmp_path):
     from aullava.data.manifest import ManifestError, read_manifest
 
