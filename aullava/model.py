@@ -90,7 +90,6 @@ class AULlavaConfig:
         known["aus"] = tuple(int(a) for a in known.get("aus", MODEL_AUS))
         for written_later in ("evidence", "labelled_tokens"):  # a config older than the field: without it
             known.setdefault(written_later, False)
-        known.setdefault("image_suffix", "")
         return cls(**known)
 
 
