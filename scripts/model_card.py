@@ -259,6 +259,7 @@ else:
                    f"{train_config.get('boundary_gap', 1.0):g}" if train_config.get("boundary_mix") else "")
                 + "".join(f" --{name.replace('_', '-')} {train_config[name]:g}"
                           for name in ("chimera", "swap", "weak_faces") if train_config.get(name))
+                + (f" --end-weight {train_config['end_weight']:g}" if train_config.get("end_weight", 1.0) != 1.0 else "")
                 + (f" --hold-out {','.join(hold_out)}" if hold_out else "")]
 
     held_out_run = "runs/ckplus" if held_out else "runs/ckplus-heldout"

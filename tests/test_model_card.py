@@ -80,3 +80,15 @@ def test_a_checkpoint_trained_on_every_subject_is_scored_through_its_held_out_ru
     # the checkpoint's own command holds out nothing; the scored run's holds out the subjects it is scored on
     assert retrain.count("--hold-out") == 1 and f"--hold-out {','.join(report['subjects'])}" in retrain
     assert "--out runs/ckplus \\" in retrain and "--checkpoint runs/ckplus-heldout/checkpoint" in retrain
+
+
+def test_the_retrain_command_carries_a_non_default_end_weight(tmp_path):
+    folder = copy_sources(tmp_path)
+    card = build_card(folder, SHIPPED / "metrics.json", SHIPPED / "cv.json")
+    weight = json.loads((folder / "aullava_config.json").read_text())["training"]["train_config"].get("end_weight", 1.0)
+    assert ("--end-weight" in card[card.index("## Retrain"):]) == (weight != 1.0)
+    config = json.loads((folder / "aullava_config.json").read_text())
+    config["training"]["train_config"]["end_weight"] = 2.5
+    (folder / "aullava_config.json").write_text(json.dumps(config))
+    retrain = build_card(folder, SHIPPED / "metrics.json", SHIPPED / "cv.json").split("## Retrain")[1]
+    assert retrain.count("--end-weight 2.5") == 2  # the checkpoint's command and its held-out run's
