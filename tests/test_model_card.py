@@ -84,10 +84,10 @@ def test_a_checkpoint_trained_on_every_subject_is_scored_through_its_held_out_ru
 
 def test_the_retrain_command_carries_a_non_default_end_weight(tmp_path):
     folder = copy_sources(tmp_path)
-    card = build_card(folder, SHIPPED / "metrics.json", SHIPPED / "cv.json")
-    weight = json.loads((folder / "aullava_config.json").read_text())["training"]["train_config"].get("end_weight", 1.0)
-    assert ("--end-weight" in card[card.index("## Retrain"):]) == (weight != 1.0)
     config = json.loads((folder / "aullava_config.json").read_text())
+    card = build_card(folder, SHIPPED / "metrics.json", SHIPPED / "cv.json")
+    weight = config["training"]["train_config"].get("end_weight", 1.0)
+    assert ("--end-weight" in card[card.index("## Retrain"):]) == (weight != 1.0)
     config["training"]["train_config"]["end_weight"] = 2.5
     (folder / "aullava_config.json").write_text(json.dumps(config))
     retrain = build_card(folder, SHIPPED / "metrics.json", SHIPPED / "cv.json").split("## Retrain")[1]
