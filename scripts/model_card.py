@@ -257,9 +257,9 @@ else:
                 f"{train_config.get('batch_size')}"
                 + (f" --boundary-mix {train_config['boundary_mix']:g} --boundary-gap "
                    f"{train_config.get('boundary_gap', 1.0):g}" if train_config.get("boundary_mix") else "")
-                + "".join(f" --{name.replace('_', '-')} {train_config[name]:g}"
-                          for name in ("chimera", "swap", "weak_faces") if train_config.get(name))
-                + (f" --end-weight {train_config['end_weight']:g}" if train_config.get("end_weight", 1.0) != 1.0 else "")
+                + "".join(f" --{name.replace('_', '-')} {train_config[name]:g}"  # the flags set off their defaults
+                          for name, default in (("chimera", 0), ("swap", 0), ("weak_faces", 0), ("end_weight", 1))
+                          if train_config.get(name, default) != default)
                 + (f" --hold-out {','.join(hold_out)}" if hold_out else "")]
 
     held_out_run = "runs/ckplus" if held_out else "runs/ckplus-heldout"
